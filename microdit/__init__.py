@@ -1,0 +1,1 @@
+"""microdit: MicroDiT diffusion transformers trained on a micro-budget."""

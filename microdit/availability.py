@@ -1,0 +1,87 @@
+"""Every optional-dependency and hardware check of microdit, in one place.
+
+Each check returns a list of reasons why something cannot run (empty when it can). Missing
+optional modules are represented by `Missing` stubs that raise a helpful error when used,
+never by None.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+
+class Missing:
+    """Stands in for an optional module that is not available; any use raises with the reason."""
+
+    def __init__(self, name: str, reason: str):
+        self._name, self._reason = name, reason
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise ImportError(f"{self._name} is not available: {self._reason}")
+
+    def __bool__(self):
+        return False
+
+    def __repr__(self):
+        return f"Missing({self._name!r}: {self._reason})"
+
+
+def _import(name: str, hint: str):
+    try:
+        return importlib.import_module(name)
+    except Exception as e:  # ImportError, or a broken install raising anything else
+        return Missing(name, f"{type(e).__name__}: {e}. {hint}")
+
+
+@functools.cache
+def extension():
+    """The compiled extension `microdit._C`, or a Missing stub saying why."""
+    return _import("microdit._C", "Build it with `pip install -e .` (needs cmake and a C++ compiler).")
+
+
+def extension_reasons() -> list[str]:
+    ext = extension()
+    return [] if ext else [repr(ext)]
+
+
+def extension_cuda_reasons() -> list[str]:
+    ext = extension()
+    if not ext:
+        return [repr(ext)]
+    if not ext.build_info().get("cuda", False):
+        return ["extension built without CUDA (nvcc not found at build time, or MICRODIT_CUDA=0)"]
+    return cuda_reasons()
+
+
+@functools.cache
+def cuda_reasons() -> list[str]:
+    if not torch.cuda.is_available():
+        return ["no CUDA device visible to torch"]
+    return []
+
+
+@functools.cache
+def triton():
+    """The `triton` module, or a Missing stub saying why."""
+    return _import("triton", "Install the `triton` extra: pip install 'microdit[triton]'.")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_reasons(device_type: str | None = None) -> list[str]:
+    """Why Triton kernels cannot run on `device_type` ('cuda', 'cpu', or None for any)."""
+    mod = triton()
+    if not mod:
+        return [repr(mod)]
+    if device_type == "cpu" and not triton_interpret():
+        return ["Triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter, float32)"]
+    if device_type in (None, "cuda") and not triton_interpret() and cuda_reasons():
+        return cuda_reasons() + ["(set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"]
+    return []

@@ -1,0 +1,125 @@
+"""One op, several backends: registration and selection.
+
+Selection order: an explicit `backend=` argument (from the caller or a module's config); the
+`MICRODIT_BACKEND` environment variable (`reference`, or `token_mask=cpp,moe=torch`); else the
+available implementation with the highest priority that supports the inputs. An explicit
+choice that cannot run raises with its reasons; an automatic fallback logs its choice once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger("microdit.ops")
+
+ALL_OPS: dict[str, "Op"] = {}
+
+
+def _no_reasons(*args, **kwargs) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Impl:
+    """A backend of an op.
+
+    `available()` says why it cannot run on this machine at all; `supports(*args)` says why it
+    cannot run these particular inputs (device, dtype, shape). Both return lists of reasons.
+    """
+
+    name: str
+    fn: Callable
+    priority: int
+    available: Callable[[], list[str]] = _no_reasons
+    supports: Callable[..., list[str]] = _no_reasons
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+@dataclass
+class Op:
+    name: str
+    doc: str = ""
+    impls: dict[str, Impl] = field(default_factory=dict)
+    _logged: set = field(default_factory=set)
+
+    def __post_init__(self):
+        ALL_OPS[self.name] = self
+
+    def register(self, name: str, priority: int, available=_no_reasons, supports=_no_reasons):
+        """Decorator registering `fn` as backend `name`."""
+
+        def deco(fn):
+            self.impls[name] = Impl(name, fn, priority, available, supports)
+            return fn
+
+        return deco
+
+    def ranked(self) -> list[Impl]:
+        return sorted(self.impls.values(), key=lambda i: -i.priority)
+
+    def env_choice(self) -> str | None:
+        spec = os.environ.get("MICRODIT_BACKEND", "").strip()
+        if not spec:
+            return None
+        if "=" not in spec:
+            return spec if spec in self.impls else None
+        for part in spec.split(","):
+            op, _, name = part.partition("=")
+            if op.strip() == self.name:
+                return name.strip()
+        return None
+
+    def resolve(self, backend: str | None = None) -> str | None:
+        """The explicit choice (argument, then environment) or None for automatic."""
+        choice = backend if backend not in (None, "auto") else self.env_choice()
+        if choice is None:
+            return None
+        if choice not in self.impls:
+            raise BackendError(
+                f"op {self.name!r} has no backend {choice!r} (known: {', '.join(self.impls)})"
+            )
+        reasons = self.impls[choice].available()
+        if reasons:
+            raise BackendError(f"backend {choice!r} of op {self.name!r} cannot run: " + "; ".join(reasons))
+        return choice
+
+    def default(self) -> str:
+        """The best backend available on this machine, ignoring the inputs."""
+        for impl in self.ranked():
+            if not impl.available():
+                return impl.name
+        raise BackendError(f"op {self.name!r}: no backend available")
+
+    def pick(self, backend: str | None, *args, **kwargs) -> Impl:
+        explicit = self.resolve(backend)
+        if explicit is not None:
+            impl = self.impls[explicit]
+            reasons = impl.supports(*args, **kwargs)
+            if reasons:
+                raise BackendError(
+                    f"backend {explicit!r} of op {self.name!r} cannot run these inputs: " + "; ".join(reasons)
+                )
+            return impl
+        first = None
+        for impl in self.ranked():
+            if impl.available() or impl.supports(*args, **kwargs):
+                first = first or impl
+                continue
+            if first is not None and (first.name, impl.name) not in self._logged:
+                self._logged.add((first.name, impl.name))
+                log.info("op %s: using backend %r (%r cannot run: %s)", self.name, impl.name,
+                         first.name, "; ".join(first.available() + first.supports(*args, **kwargs)))
+            return impl
+        raise BackendError(f"op {self.name!r}: no backend can run these inputs")
+
+    def __call__(self, *args, backend: str | None = None, **kwargs):
+        return self.pick(backend, *args, **kwargs).fn(*args, **kwargs)
+
+    def table(self) -> list[tuple[str, int, list[str]]]:
+        """(backend, priority, reasons it cannot run here) for `python -m microdit.info`."""
+        return [(i.name, i.priority, i.available()) for i in self.ranked()]
