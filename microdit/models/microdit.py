@@ -1,0 +1,267 @@
+"""The MicroDiT network: patch-mixer, deferred masking, expert-choice MoE, layer-wise scaling."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..nn.layers import (
+    CaptionEmbedder,
+    CrossAttention,
+    ExpertChoiceMoE,
+    PatchEmbed,
+    ProjectionMLP,
+    SelfAttention,
+    SwiGLU,
+    TimestepEmbedder,
+    attention_width,
+    gelu_tanh,
+    layer_norm,
+    modulate,
+    moe_hidden,
+    swiglu_hidden,
+)
+from ..ops import token_mask
+from .config import MicroDiTConfig
+
+
+def sincos_pos_table(dim: int, grid: int, base: int, interp_scale: float) -> np.ndarray:
+    """(grid*grid, dim) 2-D sin-cos table; first half of channels from the column coordinate."""
+    coords = np.arange(grid, dtype=np.float64) / (grid / base) / interp_scale
+    ww, hh = np.meshgrid(coords, coords)  # ww varies along columns, hh along rows
+
+    def axis(pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([axis(ww), axis(hh)], axis=1)
+
+
+class Block(nn.Module):
+    """adaLN-modulated self-attention, unmodulated cross-attention, modulated FFN (dense or MoE)."""
+
+    def __init__(self, dim, cond_dim, attn_width, head_dim, ffn, eps, bias):
+        super().__init__()
+        self.norm1 = layer_norm(dim, eps)
+        self.attn = SelfAttention(dim, attn_width, head_dim, eps, bias)
+        self.cross_attn = CrossAttention(dim, dim, head_dim, eps, bias)
+        self.norm2 = layer_norm(dim, eps)
+        self.norm3 = layer_norm(dim, eps)
+        self.mlp = ffn
+        self.adaLN_modulation = nn.Sequential(gelu_tanh(), nn.Linear(cond_dim, 6 * dim, bias=True))
+
+    def forward(self, x, y, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, d)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, N, d)
+        x = x + self.cross_attn(self.norm2(x), y)  # (B, N, d)
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift2, scale2))  # (B, N, d)
+
+
+class CaptionBlock(nn.Module):
+    """Pre-norm transformer block over caption tokens, without modulation."""
+
+    def __init__(self, dim, head_dim, multiple_of, eps, bias):
+        super().__init__()
+        self.norm1 = layer_norm(dim, eps)
+        self.attn = SelfAttention(dim, dim, head_dim, eps, bias)
+        self.norm2 = layer_norm(dim, eps)
+        self.mlp = SwiGLU(dim, swiglu_hidden(dim, 4.0, multiple_of), bias)
+
+    def forward(self, y):
+        y = y + self.attn(self.norm1(y))  # (B, L, D)
+        return y + self.mlp(self.norm2(y))  # (B, L, D)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, out_dim, eps):
+        super().__init__()
+        self.norm_final = layer_norm(dim, eps)
+        self.linear = nn.Linear(dim, out_dim, bias=True)
+        self.adaLN_modulation = nn.Sequential(gelu_tanh(), nn.Linear(dim, 2 * dim, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 x (B, D)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
+
+
+class MicroDiT(nn.Module):
+    """MicroDiT. `forward` returns the network output F (before EDM preconditioning)."""
+
+    def __init__(self, config: MicroDiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        D, eps, bias = cfg.dim, cfg.norm_eps, cfg.use_bias
+        moe_backend = cfg.backends.get("moe")
+        self.mask_backend = {op: cfg.backends.get(op) for op in ("keep_indices", "mask_tokens", "unmask_tokens")}
+
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = CaptionEmbedder(cfg.caption_channels, D, eps)
+        self.y_emb_preprocess = CaptionBlock(D, cfg.head_dim, cfg.multiple_of, eps, bias)
+        self.pooled_y_emb_process = ProjectionMLP(D, D, eps)
+        self.register_buffer("pos_embed", torch.zeros(1, cfg.num_tokens, D), persistent=True)
+        self.register_buffer("mask_token", torch.zeros(1, 1, cfg.patch_dim), persistent=True)
+
+        def ffn(dim, ratio, i, depth, backbone):
+            if cfg.is_moe_block(i, depth, backbone):
+                return ExpertChoiceMoE(dim, moe_hidden(dim, ratio, cfg.multiple_of), cfg.num_experts,
+                                       cfg.expert_capacity, backend=moe_backend)
+            return SwiGLU(dim, swiglu_hidden(dim, ratio, cfg.multiple_of), bias)
+
+        if cfg.use_patch_mixer:
+            Dm, n = cfg.patch_mixer_dim, cfg.patch_mixer_depth
+            if Dm != D:
+                self.patch_mixer_map_xin = nn.Sequential(layer_norm(D, eps), nn.Linear(D, Dm, bias=bias))
+                self.patch_mixer_map_xout = nn.Sequential(layer_norm(Dm, eps), nn.Linear(Dm, D, bias=bias))
+                self.patch_mixer_map_y = nn.Sequential(layer_norm(D, eps), nn.Linear(D, Dm, bias=bias))
+            else:
+                self.patch_mixer_map_xin = self.patch_mixer_map_xout = self.patch_mixer_map_y = nn.Identity()
+            self.patch_mixer = nn.ModuleList([
+                Block(Dm, D, attention_width(Dm, cfg.patch_mixer_qkv_ratio, cfg.head_dim), cfg.head_dim,
+                      ffn(Dm, cfg.patch_mixer_mlp_ratio, i, n, False), eps, bias)
+                for i in range(n)
+            ])
+        self.blocks = nn.ModuleList([
+            Block(D, D, attention_width(D, cfg.qkv_multipliers[i], cfg.head_dim), cfg.head_dim,
+                  ffn(D, cfg.ffn_multipliers[i], i, cfg.depth, True), eps, bias)
+            for i in range(cfg.depth)
+        ])
+        self.final_layer = FinalLayer(D, cfg.patch_dim, eps)
+        self.reset_pos_embed()
+
+    # ------------------------------------------------------------------ init
+    def reset_pos_embed(self) -> None:
+        """Rebuild the fixed position table from the config (grid = base = input_size / p)."""
+        cfg = self.config
+        table = sincos_pos_table(cfg.dim, cfg.grid_size, cfg.grid_size, cfg.pos_interp_scale)
+        self.pos_embed = torch.from_numpy(table).float().unsqueeze(0).to(self.pos_embed.device)
+
+    def set_resolution(self, input_size: int, pos_interp_scale: float) -> "MicroDiT":
+        """Move to a new latent grid (phase 3 of the recipe): only the position table changes."""
+        self.config = self.config.replace(input_size=input_size, pos_interp_scale=pos_interp_scale)
+        self.reset_pos_embed()
+        return self
+
+    @torch.no_grad()
+    def initialize_weights(self) -> "MicroDiT":
+        """Initialisation for training from scratch (spec 4b). All of it lives here."""
+        cfg = self.config
+
+        def trunc(t, std):
+            nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
+
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1,
+                    self.y_embedder.y_proj.fc2, self.pooled_y_emb_process.fc1, self.pooled_y_emb_process.fc2):
+            nn.init.normal_(lin.weight, std=0.02)
+
+        def init_block(blk, out_std):
+            for lin in (blk.attn.qkv, blk.cross_attn.q_linear, blk.cross_attn.kv_linear):
+                trunc(lin.weight, 0.02)
+            trunc(blk.attn.proj.weight, out_std)
+            trunc(blk.cross_attn.proj.weight, out_std)
+            if isinstance(blk.mlp, ExpertChoiceMoE):
+                trunc(blk.mlp.gate.weight, 0.02)
+                trunc(blk.mlp.w1, 0.02)
+                trunc(blk.mlp.w2, out_std)
+            else:
+                trunc(blk.mlp.w1.weight, 0.02)
+                trunc(blk.mlp.w2.weight, out_std)
+                trunc(blk.mlp.w3.weight, out_std)
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+
+        for i, blk in enumerate(self.blocks):
+            init_block(blk, 0.02 / math.sqrt(2 * (i + 1)) if cfg.depth_init else 0.02)
+        for blk in getattr(self, "patch_mixer", []):
+            init_block(blk, 0.02 / math.sqrt(2 * cfg.depth) if cfg.depth_init else 0.02)
+        nn.init.zeros_(self.y_emb_preprocess.attn.proj.weight)
+        nn.init.zeros_(self.y_emb_preprocess.mlp.w3.weight)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.mask_token.zero_()
+        self.reset_pos_embed()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, T, p*p*C) with per-token layout (row, col, channel) -> (B, C, h*p, w*p)."""
+        p, C = self.config.patch_size, self.config.in_channels
+        x = x.reshape(x.shape[0], h, w, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, h * p, w * p)
+
+    def embed_condition(self, c_noise: torch.Tensor, y: torch.Tensor):
+        """Timestep + caption path: returns the refined caption (B, L, D) and `c` (B, D)."""
+        if y.dim() == 4:
+            y = y.squeeze(1)  # (B, L, Cy)
+        if y.dim() != 3 or y.shape[-1] != self.config.caption_channels:
+            raise ValueError(f"caption embeddings must be (B, 1, L, {self.config.caption_channels}) or "
+                             f"(B, L, {self.config.caption_channels}); got {tuple(y.shape)}")
+        t = self.t_embedder(c_noise.reshape(-1))  # (B or 1, D)
+        y = self.y_emb_preprocess(self.y_embedder(y))  # (B, L, D)
+        c = t + self.pooled_y_emb_process(y.mean(dim=1))  # (B, D)
+        return y, c
+
+    def forward(self, x, c_noise, y, *, mask_ratio: float = 0.0, ids_keep=None, guidance: float = 1.0,
+                generator: torch.Generator | None = None):
+        """F(x, c_noise, y): (B, C, H, W) -> (B, C, H, W). `ids_keep` (B, K) fixes the kept tokens."""
+        if guidance != 1.0:
+            return self.forward_with_cfg(x, c_noise, y, guidance, mask_ratio=mask_ratio, ids_keep=ids_keep,
+                                         generator=generator)
+        cfg = self.config
+        B, C, H, W = x.shape
+        p = cfg.patch_size
+        if C != cfg.in_channels or H % p or W % p:
+            raise ValueError(f"latents must be (B, {cfg.in_channels}, H, W) with H, W multiples of {p}; "
+                             f"got {tuple(x.shape)}")
+        h, w = H // p, W // p
+        if h * w != self.pos_embed.shape[1]:
+            raise ValueError(f"latents of {H}x{W} give {h * w} tokens but the position table has "
+                             f"{self.pos_embed.shape[1]} (call reset_pos_embed(grid) for a new resolution)")
+        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, T, D)
+        y, c = self.embed_condition(c_noise, y)  # (B, L, D), (B, D)
+
+        if cfg.use_patch_mixer:
+            x = self.patch_mixer_map_xin(x)  # (B, T, Dm)
+            y_mixer = self.patch_mixer_map_y(y)  # (B, L, Dm)
+            for block in self.patch_mixer:
+                x = block(x, y_mixer, c)  # (B, T, Dm)
+        T = x.shape[1]
+        if ids_keep is None and mask_ratio > 0:
+            ids_keep = token_mask.keep_indices(B, T, mask_ratio, x.device, generator,
+                                               backend=self.mask_backend["keep_indices"])
+        if ids_keep is not None:
+            x = token_mask.mask_tokens(x, ids_keep, backend=self.mask_backend["mask_tokens"])  # (B, K, Dm)
+        if cfg.use_patch_mixer:
+            x = self.patch_mixer_map_xout(x)  # (B, K, D)
+        for block in self.blocks:
+            x = block(x, y, c)  # (B, K, D)
+        x = self.final_layer(x, c)  # (B, K, p*p*C)
+        if ids_keep is not None:
+            x = token_mask.unmask_tokens(x, ids_keep, T, self.mask_token,
+                                         backend=self.mask_backend["unmask_tokens"])  # (B, T, p*p*C)
+        return self.unpatchify(x, h, w)  # (B, C, H, W)
+
+    def forward_with_cfg(self, x, c_noise, y, guidance: float, **kw):
+        """Classifier-free guidance: conditional and zero-caption passes in one batch."""
+        x2 = torch.cat([x, x])
+        t2 = c_noise.reshape(-1).expand(x.shape[0]) if c_noise.numel() == 1 else c_noise.reshape(-1)
+        y2 = torch.cat([y, torch.zeros_like(y)])
+        ids = kw.pop("ids_keep", None)
+        out = self.forward(x2, torch.cat([t2, t2]), y2, ids_keep=None if ids is None else torch.cat([ids, ids]), **kw)
+        cond, uncond = out.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,174 @@
+"""Building blocks of MicroDiT. Parameter names follow the published checkpoints."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import moe_dispatch
+
+
+def gelu_tanh() -> nn.Module:
+    return nn.GELU(approximate="tanh")
+
+
+def layer_norm(dim: int, eps: float) -> nn.LayerNorm:
+    """LayerNorm with a learnable weight and no bias, as every LN of the published model."""
+    return nn.LayerNorm(dim, eps=eps, bias=False)
+
+
+def round_up(x: int, multiple: int) -> int:
+    return multiple * ((x + multiple - 1) // multiple)
+
+
+def swiglu_hidden(dim: int, ratio: float, multiple_of: int) -> int:
+    """Hidden width of a SwiGLU FFN: int(2/3 * int(d * ratio)) rounded up to `multiple_of`."""
+    return round_up(int(2 * int(dim * ratio) / 3), multiple_of)
+
+
+def moe_hidden(dim: int, ratio: float, multiple_of: int) -> int:
+    """Hidden width of one expert: int(d * ratio) rounded up to `multiple_of`."""
+    return round_up(int(dim * ratio), multiple_of)
+
+
+def attention_width(dim: int, ratio: float, head_dim: int) -> int:
+    """Self-attention width under layer-wise scaling: a multiple of 2 * head_dim."""
+    if ratio == 1.0:
+        return dim
+    return 2 * head_dim * math.ceil(int(dim * ratio) / (2 * head_dim))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d patchify: (B, C, H, W) -> (B, T, D), tokens in row-major order."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+
+
+def timestep_features(t: torch.Tensor, dim: int = 512, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos(t f), sin(t f)] with f_i = exp(-ln(max_period) i / (dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """c_noise (B,) -> (B, D) through 512 sinusoidal features and a 2-layer MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 512):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), gelu_tanh(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class ProjectionMLP(nn.Module):
+    """Linear -> GELU-tanh -> LN -> Linear (caption projection, pooled-caption MLP)."""
+
+    def __init__(self, in_dim: int, dim: int, eps: float):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, dim)
+        self.act = gelu_tanh()
+        self.norm = layer_norm(dim, eps)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+class CaptionEmbedder(nn.Module):
+    def __init__(self, in_dim: int, dim: int, eps: float):
+        super().__init__()
+        self.y_proj = ProjectionMLP(in_dim, dim, eps)
+
+    def forward(self, y):
+        return self.y_proj(y)
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv, LN0 on q and k over all heads together, SDPA, output projection."""
+
+    def __init__(self, dim: int, width: int, head_dim: int, eps: float, bias: bool):
+        super().__init__()
+        self.width, self.heads = width, width // head_dim
+        self.qkv = nn.Linear(dim, 3 * width, bias=bias)
+        self.q_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
+        self.k_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
+        self.proj = nn.Linear(width, dim, bias=bias)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).split(self.width, dim=-1)  # 3 x (B, N, h)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.view(B, N, self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+        return self.proj(o.transpose(1, 2).reshape(B, N, self.width))  # (B, N, d)
+
+
+class CrossAttention(nn.Module):
+    """Queries from image tokens, keys and values (k first) from caption tokens."""
+
+    def __init__(self, dim: int, width: int, head_dim: int, eps: float, bias: bool):
+        super().__init__()
+        self.width, self.heads = width, width // head_dim
+        self.q_linear = nn.Linear(dim, width, bias=bias)
+        self.kv_linear = nn.Linear(dim, 2 * width, bias=bias)
+        self.q_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
+        self.k_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
+        self.proj = nn.Linear(width, dim, bias=bias)
+
+    def forward(self, x, y):
+        B, N, _ = x.shape
+        L = y.shape[1]
+        q = self.q_norm(self.q_linear(x)).view(B, N, self.heads, -1).transpose(1, 2)  # (B, H, N, hd)
+        k, v = self.kv_linear(y).split(self.width, dim=-1)  # 2 x (B, L, h)
+        k = self.k_norm(k).view(B, L, self.heads, -1).transpose(1, 2)  # (B, H, L, hd)
+        v = v.view(B, L, self.heads, -1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+        return self.proj(o.transpose(1, 2).reshape(B, N, self.width))
+
+
+class SwiGLU(nn.Module):
+    """W3(silu(W1 x) * W2 x)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=bias)
+        self.w2 = nn.Linear(dim, hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class ExpertChoiceMoE(nn.Module):
+    """Expert-choice MoE FFN; the op's backend is resolved once, here, at construction."""
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, capacity: float, backend: str | None = None):
+        super().__init__()
+        self.capacity = capacity
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.backend = moe_dispatch.moe_op.resolve(backend)
+
+    def forward(self, x):
+        return moe_dispatch.expert_choice_moe(x, self.gate.weight, self.w1, self.w2, self.capacity,
+                                              backend=self.backend)
+
+    def extra_repr(self):
+        E, d, h = self.w1.shape
+        return f"experts={E}, dim={d}, hidden={h}, capacity={self.capacity}, backend={self.backend or 'auto: ' + moe_dispatch.moe_op.default()}"
