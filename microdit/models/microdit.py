@@ -78,9 +78,10 @@ class CaptionBlock(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, dim, out_dim, eps):
         super().__init__()
-        self.norm_final = layer_norm(dim, eps)
+        # Registration order gives the published state-dict order.
         self.linear = nn.Linear(dim, out_dim, bias=True)
         self.adaLN_modulation = nn.Sequential(gelu_tanh(), nn.Linear(dim, 2 * dim, bias=True))
+        self.norm_final = layer_norm(dim, eps)
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 x (B, D)
@@ -113,17 +114,18 @@ class MicroDiT(nn.Module):
 
         if cfg.use_patch_mixer:
             Dm, n = cfg.patch_mixer_dim, cfg.patch_mixer_depth
+            # Registration order gives the published state-dict order (mixer blocks, then maps).
+            self.patch_mixer = nn.ModuleList([
+                Block(Dm, D, attention_width(Dm, cfg.patch_mixer_qkv_ratio, cfg.head_dim), cfg.head_dim,
+                      ffn(Dm, cfg.patch_mixer_mlp_ratio, i, n, False), eps, bias)
+                for i in range(n)
+            ])
             if Dm != D:
                 self.patch_mixer_map_xin = nn.Sequential(layer_norm(D, eps), nn.Linear(D, Dm, bias=bias))
                 self.patch_mixer_map_xout = nn.Sequential(layer_norm(Dm, eps), nn.Linear(Dm, D, bias=bias))
                 self.patch_mixer_map_y = nn.Sequential(layer_norm(D, eps), nn.Linear(D, Dm, bias=bias))
             else:
                 self.patch_mixer_map_xin = self.patch_mixer_map_xout = self.patch_mixer_map_y = nn.Identity()
-            self.patch_mixer = nn.ModuleList([
-                Block(Dm, D, attention_width(Dm, cfg.patch_mixer_qkv_ratio, cfg.head_dim), cfg.head_dim,
-                      ffn(Dm, cfg.patch_mixer_mlp_ratio, i, n, False), eps, bias)
-                for i in range(n)
-            ])
         self.blocks = nn.ModuleList([
             Block(D, D, attention_width(D, cfg.qkv_multipliers[i], cfg.head_dim), cfg.head_dim,
                   ffn(D, cfg.ffn_multipliers[i], i, cfg.depth, True), eps, bias)

@@ -1,0 +1,142 @@
+"""Checked wrappers over the compiled extension `microdit._C` (plain functions, no autograd).
+
+The extension takes raw addresses, sizes and a dtype code, so every check of shape, dtype,
+device and layout happens here, with errors that name the argument and what was expected.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .availability import extension, extension_cuda_reasons
+
+# Must match the DType codes in csrc/common.h.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_DTYPE_NAMES = ", ".join(str(d).removeprefix("torch.") for d in DTYPE_CODES)
+
+
+def _fail(name: str, expected: str, got) -> None:
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _check_tensor(name: str, t, ndim: int, device: torch.device | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(name, "a torch.Tensor", type(t).__name__)
+    if t.dim() != ndim:
+        _fail(name, f"a {ndim}-d tensor", f"shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        _fail(name, f"a tensor on {device} (the device of src)", t.device)
+    if t.device.type not in ("cpu", "cuda"):
+        _fail(name, "a CPU or CUDA tensor", t.device)
+    if not t.is_contiguous():
+        _fail(name, "a contiguous tensor (call .contiguous())", f"strides {t.stride()}")
+
+
+def _check_src(src) -> int:
+    _check_tensor("src", src, 3)
+    if src.dtype not in DTYPE_CODES:
+        _fail("src", f"dtype {_DTYPE_NAMES}", src.dtype)
+    return DTYPE_CODES[src.dtype]
+
+
+def _check_idx(idx, batch: int, device: torch.device) -> int:
+    _check_tensor("idx", idx, 2, device)
+    if idx.dtype != torch.int64:
+        _fail("idx", "dtype torch.int64 (call .long())", idx.dtype)
+    if idx.shape[0] != batch:
+        _fail("idx", f"shape (B={batch}, K) to match src", f"shape {tuple(idx.shape)}")
+    return idx.shape[1]
+
+
+def _output(out, shape: tuple[int, ...], src: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=src.dtype, device=src.device)
+    _check_tensor("out", out, len(shape), src.device)
+    if tuple(out.shape) != shape or out.dtype != src.dtype:
+        _fail("out", f"shape {shape} and dtype {src.dtype}", f"shape {tuple(out.shape)} and dtype {out.dtype}")
+    # Rows are copied in parallel, so an out sharing memory with src would read overwritten rows.
+    if out.numel() and src.numel() and out.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+        _fail("out", "a tensor that does not share memory with src", "one that does")
+    return out
+
+
+def _cuda_module(device: torch.device):
+    reasons = extension_cuda_reasons()
+    if reasons:
+        raise RuntimeError(f"cannot run on {device}: " + "; ".join(reasons))
+    return extension()
+
+
+def _check_indices_on_device() -> bool:
+    # A CUDA kernel cannot raise; with this set the wrappers read back its out-of-range flag,
+    # a host-device sync, so it is meant for debugging only.
+    return os.environ.get("MICRODIT_CHECK_INDICES", "0") == "1"
+
+
+def _launch_cuda(fn, name: str, device: torch.device, *args) -> None:
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        if not _check_indices_on_device():
+            fn(*args, stream, 0)
+            return
+        status = torch.zeros((), dtype=torch.int32, device=device)
+        fn(*args, stream, status.data_ptr())
+        if status.item():
+            raise ValueError(f"{name}: idx has entries outside [0, T) (MICRODIT_CHECK_INDICES=1)")
+
+
+def gather_tokens(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, D), (B, K) int64 -> (B, K, D): out[b, k] = src[b, idx[b, k]].
+
+    On the CPU an index outside [0, T) raises ValueError before anything is written; on CUDA
+    it gives a zero row (set MICRODIT_CHECK_INDICES=1 to raise instead, at the cost of a sync).
+    """
+    dtype = _check_src(src)
+    B, T, D = src.shape
+    K = _check_idx(idx, B, src.device)
+    out = _output(out, (B, K, D), src)
+    args = (src.data_ptr(), idx.data_ptr(), out.data_ptr(), B, T, K, D, dtype)
+    if src.device.type == "cpu":
+        extension().gather_tokens_cpu(*args)
+    else:
+        _launch_cuda(_cuda_module(src.device).gather_tokens_cuda, "gather_tokens", src.device, *args)
+    return out
+
+
+def scatter_tokens(
+    src: torch.Tensor,
+    idx: torch.Tensor,
+    T: int,
+    fill: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, K, D), (B, K) int64 -> (B, T, D): out[b, idx[b, k]] = src[b, k], `fill` elsewhere.
+
+    `fill` holds D elements (shape (D,), (1, D) or (1, 1, D), src's dtype), zeros when None.
+    Indices must be unique within a row. On the CPU an out-of-range or repeated index raises
+    ValueError before anything is written; on CUDA an out-of-range index is dropped (set
+    MICRODIT_CHECK_INDICES=1 to raise instead) and which of repeated indices wins is unspecified.
+    """
+    dtype = _check_src(src)
+    B, K, D = src.shape
+    if _check_idx(idx, B, src.device) != K:
+        _fail("idx", f"shape (B={B}, K={K}) to match src", f"shape {tuple(idx.shape)}")
+    if not isinstance(T, int) or isinstance(T, bool) or T < K:
+        _fail("T", f"an int >= K = {K} (the number of kept tokens)", repr(T))
+    fill_ptr = 0
+    if fill is not None:
+        if not isinstance(fill, torch.Tensor) or fill.numel() != D or fill.shape[-1:] != (D,):
+            got = f"shape {tuple(fill.shape)}" if isinstance(fill, torch.Tensor) else type(fill).__name__
+            _fail("fill", f"a tensor of D = {D} elements, shape (D,), (1, D) or (1, 1, D)", got)
+        _check_tensor("fill", fill, fill.dim(), src.device)
+        if fill.dtype != src.dtype:
+            _fail("fill", f"dtype {src.dtype} (that of src; cast it with .to(src.dtype))", fill.dtype)
+        fill_ptr = fill.data_ptr()
+    out = _output(out, (B, T, D), src)
+    args = (src.data_ptr(), idx.data_ptr(), out.data_ptr(), fill_ptr, B, T, K, D, dtype)
+    if src.device.type == "cpu":
+        extension().scatter_tokens_cpu(*args)
+    else:
+        _launch_cuda(_cuda_module(src.device).scatter_tokens_cuda, "scatter_tokens", src.device, *args)
+    return out

@@ -1,0 +1,68 @@
+"""The published code's outputs, reproduced through the public API (float32, CPU, rel. err < 1e-5)."""
+import itertools
+
+import pytest
+import torch
+
+import microdit
+from microdit import edm
+from microdit.ops import moe_dispatch, token_mask
+from tests.helpers import available_backends, rel_err
+
+TOL = 1e-5
+COMBOS = [
+    {"moe": m, "mask_tokens": k, "unmask_tokens": k, "keep_indices": k}
+    for m, k in itertools.product(available_backends(moe_dispatch.moe_op),
+                                  available_backends(token_mask.mask_tokens_op))
+    if k in available_backends(token_mask.unmask_tokens_op)
+]
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=lambda c: f"moe={c['moe']},mask={c['mask_tokens']}")
+def model(request, reference):
+    return microdit.load_reference(reference["state_dict"], reference["config"], backends=request.param).eval()
+
+
+def test_forward(model, reference):
+    i = reference["inputs"]
+    with torch.no_grad():
+        out = model(i["x"], i["t"], i["y"])
+    assert rel_err(out, reference["outputs"]["forward"]) < TOL
+
+
+def test_forward_caption_without_singleton_dim(model, reference):
+    i = reference["inputs"]
+    with torch.no_grad():
+        out = model(i["x"], i["t"], i["y"].squeeze(1))
+    assert rel_err(out, reference["outputs"]["forward"]) < TOL
+
+
+def test_forward_cfg4(model, reference):
+    i = reference["inputs"]
+    with torch.no_grad():
+        out = model(i["x"], i["t"], i["y"], guidance=4.0)
+    assert rel_err(out, reference["outputs"]["forward_cfg4"]) < TOL
+
+
+def test_forward_mask75(model, reference):
+    i, o = reference["inputs"], reference["outputs"]
+    with torch.no_grad():
+        out = model(i["x"], i["t"], i["y"], ids_keep=i["ids_keep"])
+    assert rel_err(out, o["forward_mask75"]) < TOL
+    assert torch.equal(token_mask.drop_mask(i["ids_keep"], o["mask75"].shape[1]), o["mask75"])
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["mask75", "full"])
+def test_edm_loss(model, reference, masked):
+    i, o = reference["inputs"], reference["outputs"]
+    with torch.no_grad():
+        loss = edm.loss(model, i["x0"], i["y"], rnd_normal=i["rnd_normal"], noise=i["noise"],
+                        ids_keep=i["ids_keep"] if masked else None)
+    assert rel_err(loss, o["edm_loss_mask75" if masked else "edm_loss_full"]) < TOL
+
+
+def test_sampler(model, reference):
+    i = reference["inputs"]
+    out = edm.sample(model, i["sampler_noise"], i["y"], steps=6, guidance=4.0)
+    assert out.dtype == torch.float32
+    assert rel_err(out, reference["outputs"]["sampler_6steps_cfg4"]) < TOL
