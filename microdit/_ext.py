@@ -5,6 +5,7 @@ device and layout happens here, with errors that name the argument and what was 
 """
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -47,6 +48,16 @@ def _check_idx(idx, batch: int, device: torch.device) -> int:
     if idx.shape[0] != batch:
         _fail("idx", f"shape (B={batch}, K) to match src", f"shape {tuple(idx.shape)}")
     return idx.shape[1]
+
+
+def _check_num_tokens(T, K: int) -> int:
+    try:
+        n = None if isinstance(T, bool) else operator.index(T)  # ints, numpy ints; not floats
+    except TypeError:
+        n = None
+    if n is None or n < K:
+        _fail("T", f"an int >= K = {K} (the number of kept tokens)", repr(T))
+    return n
 
 
 def _output(out, shape: tuple[int, ...], src: torch.Tensor) -> torch.Tensor:
@@ -122,8 +133,7 @@ def scatter_tokens(
     B, K, D = src.shape
     if _check_idx(idx, B, src.device) != K:
         _fail("idx", f"shape (B={B}, K={K}) to match src", f"shape {tuple(idx.shape)}")
-    if not isinstance(T, int) or isinstance(T, bool) or T < K:
-        _fail("T", f"an int >= K = {K} (the number of kept tokens)", repr(T))
+    T = _check_num_tokens(T, K)
     fill_ptr = 0
     if fill is not None:
         if not isinstance(fill, torch.Tensor) or fill.numel() != D or fill.shape[-1:] != (D,):
