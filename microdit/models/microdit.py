@@ -244,6 +244,8 @@ class MicroDiT(nn.Module):
             ids_keep = token_mask.keep_indices(B, T, mask_ratio, x.device, generator,
                                                backend=self.mask_backend["keep_indices"])
         if ids_keep is not None:
+            if ids_keep.dim() != 2 or ids_keep.shape[0] != B or ids_keep.shape[1] > T:
+                raise ValueError(f"ids_keep must be (B={B}, K<={T}); got {tuple(ids_keep.shape)}")
             x = token_mask.mask_tokens(x, ids_keep, backend=self.mask_backend["mask_tokens"])  # (B, K, Dm)
         if cfg.use_patch_mixer:
             x = self.patch_mixer_map_xout(x)  # (B, K, D)
