@@ -1,0 +1,28 @@
+# The two commands of the README. Both work on a fresh machine with only Python 3.10+:
+# they make a virtual environment in .venv, install microdit into it, and run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed only when the environment has none (the venv sees system packages).
+# Set TORCH_SPEC to the build you want, e.g. TORCH_SPEC='torch==2.13.0' (our CPU machines).
+TORCH_SPEC ?= torch==2.13.0
+SOURCES := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: install test test-fast clean
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info microdit/_C*.so
