@@ -23,7 +23,7 @@ from ..nn.layers import (
     moe_hidden,
     swiglu_hidden,
 )
-from ..ops import token_mask
+from ..ops import moe_dispatch, token_mask
 from .config import MicroDiTConfig
 
 
@@ -96,7 +96,15 @@ class MicroDiT(nn.Module):
         self.config = cfg = config
         D, eps, bias = cfg.dim, cfg.norm_eps, cfg.use_bias
         moe_backend = cfg.backends.get("moe")
-        self.mask_backend = {op: cfg.backends.get(op) for op in ("keep_indices", "mask_tokens", "unmask_tokens")}
+        unknown = set(cfg.backends) - {"moe", "keep_indices", "mask_tokens", "unmask_tokens"}
+        if unknown:
+            raise ValueError(f"backends name unknown ops {sorted(unknown)} "
+                             "(ops: moe, keep_indices, mask_tokens, unmask_tokens)")
+        # Resolve each op's backend once, here: an explicit choice that cannot run fails now.
+        self.mask_backend = {}
+        for op in (token_mask.keep_indices_op, token_mask.mask_tokens_op, token_mask.unmask_tokens_op):
+            self.mask_backend[op.name] = op.warm().resolve(cfg.backends.get(op.name))
+        moe_dispatch.moe_op.warm()
 
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)

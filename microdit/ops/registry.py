@@ -46,6 +46,9 @@ class Op:
     doc: str = ""
     impls: dict[str, Impl] = field(default_factory=dict)
     _logged: set = field(default_factory=set)
+    # Availability is a property of the machine: computed once per backend, so that calls
+    # under torch.compile only look it up (the checks themselves import modules).
+    _available: dict = field(default_factory=dict)
 
     def __post_init__(self):
         ALL_OPS[self.name] = self
@@ -55,9 +58,22 @@ class Op:
 
         def deco(fn):
             self.impls[name] = Impl(name, fn, priority, available, supports)
+            self._available.pop(name, None)
             return fn
 
         return deco
+
+    def reasons(self, name: str) -> list[str]:
+        """Why backend `name` cannot run on this machine (cached)."""
+        if name not in self._available:
+            self._available[name] = list(self.impls[name].available())
+        return self._available[name]
+
+    def warm(self) -> "Op":
+        """Compute every backend's availability now (before any torch.compile tracing)."""
+        for name in self.impls:
+            self.reasons(name)
+        return self
 
     def ranked(self) -> list[Impl]:
         return sorted(self.impls.values(), key=lambda i: -i.priority)
@@ -83,7 +99,7 @@ class Op:
             raise BackendError(
                 f"op {self.name!r} has no backend {choice!r} (known: {', '.join(self.impls)})"
             )
-        reasons = self.impls[choice].available()
+        reasons = self.reasons(choice)
         if reasons:
             raise BackendError(f"backend {choice!r} of op {self.name!r} cannot run: " + "; ".join(reasons))
         return choice
@@ -91,7 +107,7 @@ class Op:
     def default(self) -> str:
         """The best backend available on this machine, ignoring the inputs."""
         for impl in self.ranked():
-            if not impl.available():
+            if not self.reasons(impl.name):
                 return impl.name
         raise BackendError(f"op {self.name!r}: no backend available")
 
@@ -107,13 +123,13 @@ class Op:
             return impl
         first = None
         for impl in self.ranked():
-            if impl.available() or impl.supports(*args, **kwargs):
+            if self.reasons(impl.name) or impl.supports(*args, **kwargs):
                 first = first or impl
                 continue
             if first is not None and (first.name, impl.name) not in self._logged:
                 self._logged.add((first.name, impl.name))
                 log.info("op %s: using backend %r (%r cannot run: %s)", self.name, impl.name,
-                         first.name, "; ".join(first.available() + first.supports(*args, **kwargs)))
+                         first.name, "; ".join(self.reasons(first.name) + first.supports(*args, **kwargs)))
             return impl
         raise BackendError(f"op {self.name!r}: no backend can run these inputs")
 
@@ -122,4 +138,4 @@ class Op:
 
     def table(self) -> list[tuple[str, int, list[str]]]:
         """(backend, priority, reasons it cannot run here) for `python -m microdit.info`."""
-        return [(i.name, i.priority, i.available()) for i in self.ranked()]
+        return [(i.name, i.priority, self.reasons(i.name)) for i in self.ranked()]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _ext
+from ..availability import extension_cuda_reasons, extension_reasons
 from .registry import Op
 
 keep_indices_op = Op("keep_indices", "per-sample random subset of kept token indices, in random order")
@@ -122,3 +124,80 @@ def unmask_tokens_torch(x, ids_keep, num_tokens, mask_token):
 def unmask_tokens(x, ids_keep, num_tokens: int, mask_token, backend=None) -> torch.Tensor:
     """(B, K, P) -> (B, T, P): kept tokens back in place, `mask_token` (1, 1, P) elsewhere."""
     return unmask_tokens_op(x, ids_keep, num_tokens, mask_token, backend=backend)
+
+
+# ---------------------------------------------------------------- compiled kernels (microdit._C)
+# Custom ops with fake and autograd registrations, so they trace under torch.compile. The
+# gather's backward is the zero-filled scatter and the scatter's backward is the gather: both
+# are pure row copies (indices are unique per sample), so gradients are exact.
+@torch.library.custom_op("microdit::gather_tokens", mutates_args=())
+def gather_tokens_ext(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, T, D), (B, K) -> (B, K, D) through the compiled extension."""
+    return _ext.gather_tokens(x.contiguous(), idx.contiguous())
+
+
+@gather_tokens_ext.register_fake
+def _(x, idx):
+    return x.new_empty(x.shape[0], idx.shape[1], x.shape[2])
+
+
+@torch.library.custom_op("microdit::scatter_tokens", mutates_args=())
+def scatter_tokens_ext(x: torch.Tensor, idx: torch.Tensor, num_tokens: int, fill: torch.Tensor | None) -> torch.Tensor:
+    """(B, K, P) -> (B, T, P): rows to `idx`, `fill` (P elements) or zeros elsewhere."""
+    f = None if fill is None else fill.reshape(-1).to(x.dtype).contiguous()
+    return _ext.scatter_tokens(x.contiguous(), idx.contiguous(), num_tokens, fill=f)
+
+
+@scatter_tokens_ext.register_fake
+def _(x, idx, num_tokens, fill):
+    return x.new_empty(x.shape[0], num_tokens, x.shape[2])
+
+
+def _gather_setup(ctx, inputs, output):
+    x, idx = inputs
+    ctx.save_for_backward(idx)
+    ctx.num_tokens = x.shape[1]
+
+
+def _gather_backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    return scatter_tokens_ext(grad, idx, ctx.num_tokens, None), None
+
+
+def _scatter_setup(ctx, inputs, output):
+    x, idx, num_tokens, fill = inputs
+    ctx.save_for_backward(idx)
+    ctx.fill_shape = None if fill is None else fill.shape
+    ctx.fill_dtype = None if fill is None else fill.dtype
+
+
+def _scatter_backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    grad_x = gather_tokens_ext(grad, idx)
+    grad_fill = None
+    if ctx.fill_shape is not None and ctx.needs_input_grad[3]:
+        dropped = drop_mask(idx, grad.shape[1]).to(grad.dtype).unsqueeze(-1)  # (B, T, 1)
+        grad_fill = (grad * dropped).sum(dim=(0, 1)).reshape(ctx.fill_shape).to(ctx.fill_dtype)
+    return grad_x, None, None, grad_fill
+
+
+gather_tokens_ext.register_autograd(_gather_backward, setup_context=_gather_setup)
+scatter_tokens_ext.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+
+
+def _ext_supports(device_type):
+    def supports(x, *args, **kwargs):
+        reasons = []
+        if x.device.type != device_type:
+            reasons.append(f"tensor on {x.device.type}, this backend runs on {device_type}")
+        if x.dtype not in _ext.DTYPE_CODES:
+            reasons.append(f"dtype {x.dtype} not supported (supported: fp32, fp16, bf16, fp64)")
+        return reasons
+    return supports
+
+
+for _name, _prio, _avail, _dev in (("cuda", 30, extension_cuda_reasons, "cuda"), ("cpp", 20, extension_reasons, "cpu")):
+    mask_tokens_op.register(_name, _prio, _avail, _ext_supports(_dev))(
+        lambda x, ids_keep: gather_tokens_ext(x, ids_keep))
+    unmask_tokens_op.register(_name, _prio, _avail, _ext_supports(_dev))(
+        lambda x, ids_keep, num_tokens, mask_token: scatter_tokens_ext(x, ids_keep, num_tokens, mask_token))

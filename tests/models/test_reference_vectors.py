@@ -11,7 +11,7 @@ from tests.helpers import available_backends, rel_err
 
 TOL = 1e-5
 COMBOS = [
-    {"moe": m, "mask_tokens": k, "unmask_tokens": k, "keep_indices": k}
+    {"moe": m, "mask_tokens": k, "unmask_tokens": k}
     for m, k in itertools.product(available_backends(moe_dispatch.moe_op),
                                   available_backends(token_mask.mask_tokens_op))
     if k in available_backends(token_mask.unmask_tokens_op)

@@ -20,6 +20,7 @@ def ids(B, T, K, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_mask_tokens_exact(backend, shape, dtype):
     B, T, K, D = shape
+    torch.manual_seed(0)
     x = torch.randn(B, T, D, dtype=dtype, requires_grad=True)
     keep = ids(B, T, K)
     out = tm.mask_tokens(x, keep, backend=backend)
@@ -36,6 +37,7 @@ def test_mask_tokens_exact(backend, shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_unmask_tokens_exact(backend, shape, dtype):
     B, T, K, P = shape
+    torch.manual_seed(1)
     x = torch.randn(B, K, P, dtype=dtype, requires_grad=True)
     mask_token = torch.randn(1, 1, P, dtype=dtype, requires_grad=True)
     keep = ids(B, T, K, seed=1)
@@ -48,7 +50,11 @@ def test_unmask_tokens_exact(backend, shape, dtype):
     gx, gm = torch.autograd.grad(out, (x, mask_token), go)
     gx_ref, gm_ref = torch.autograd.grad(ref, (x, mask_token), go)
     assert torch.equal(gx, gx_ref)
-    torch.testing.assert_close(gm, gm_ref)  # a sum over dropped rows: order may differ
+    # mask_token's gradient is a sum over dropped rows, in whatever order a backend adds:
+    # bounded by twice the reference's own error against a float64 sum, plus a floor.
+    exact = go.double()[dropped].sum(0).reshape(gm.shape)
+    floor = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-1}[dtype]
+    assert ((gm.double() - exact).abs() <= 2 * (gm_ref.double() - exact).abs() + floor).all()
 
 
 @pytest.mark.parametrize("backend", available_backends(tm.keep_indices_op))
@@ -91,3 +97,31 @@ def test_env_var_selects_backend(monkeypatch):
     assert tm.mask_tokens_op.pick(None, torch.zeros(1, 2, 3), torch.zeros(1, 1, dtype=torch.long)).name == "reference"
     monkeypatch.setenv("MICRODIT_BACKEND", "reference")
     assert tm.unmask_tokens_op.resolve(None) == "reference"
+
+
+EXT = [b for b in ("cpp", "cuda") if b in MASK]
+
+
+@pytest.mark.skipif(not EXT, reason="compiled extension not available here")
+def test_custom_ops_opcheck():
+    dev = "cuda" if "cuda" in EXT else "cpu"
+    x = torch.randn(3, 123, 77, device=dev, requires_grad=True)
+    keep = ids(3, 123, 31).to(dev)
+    torch.library.opcheck(tm.gather_tokens_ext, (x, keep))
+    src = torch.randn(3, 31, 77, device=dev, requires_grad=True)
+    fill = torch.randn(1, 1, 77, device=dev, requires_grad=True)
+    torch.library.opcheck(tm.scatter_tokens_ext, (src, keep, 123, fill))
+    torch.library.opcheck(tm.scatter_tokens_ext, (src, keep, 123, None))
+
+
+@pytest.mark.skipif(not EXT, reason="compiled extension not available here")
+def test_custom_ops_under_torch_compile():
+    x = torch.randn(2, 16, 8)
+    keep = ids(2, 16, 4)
+    mt = torch.randn(1, 1, 8)
+
+    def f(x):
+        return tm.unmask_tokens(tm.mask_tokens(x, keep, backend="cpp") * 2, keep, 16, mt, backend="cpp")
+
+    expected = f(x)  # eager first, as a built model does: backend availability is then cached
+    torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(x), expected)
