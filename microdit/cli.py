@@ -31,9 +31,18 @@ def _cmd_flops(args) -> int:
     return 0
 
 
+# Modules that add their own subcommands: each has `add_parser(subparsers)` which registers
+# one or more parsers with `set_defaults(fn=...)`, `fn(args) -> int` being the exit code.
+SUBCOMMAND_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     p = argparse.ArgumentParser(prog="microdit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
     s = sub.add_parser("info", help="ops, backends and why any cannot run here")
     s.set_defaults(fn=_cmd_info)
     s = sub.add_parser("flops", help="analytic model FLOPs per image")
