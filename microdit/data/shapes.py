@@ -12,21 +12,21 @@ import re
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
            "diamond": "diamonds", "cross": "crosses"}
 
-# Saturated colours plus white and black: every pair is >= ~110 apart in RGB and every one is
-# >= ~90 away from every background colour below, so nearest-palette reading is unambiguous.
+# Saturated colours plus white and black: every pair is > 100 apart in RGB and every one is
+# > 100 away from every background colour below, so nearest-palette reading is unambiguous.
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
     "blue": (30, 60, 220),
-    "yellow": (245, 215, 30),
+    "yellow": (245, 225, 40),
     "purple": (140, 40, 190),
-    "orange": (250, 130, 10),
+    "orange": (245, 125, 0),
     "white": (250, 250, 250),
     "black": (15, 15, 15),
 }
@@ -79,7 +79,7 @@ def cell_position(row: int, col: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ShapeObject:
-    """One object; geometry (fractions of the image side) defaults to the cell centre and nominal size."""
+    """One object; geometry (fractions of the side) defaults to the cell centre, nominal size."""
 
     shape: str
     color: str
@@ -197,7 +197,7 @@ def _join(parts: Sequence[str]) -> str:
 
 
 def caption(scene: Scene | Sequence[ShapeObject]) -> str:
-    """Deterministic compositional caption; identical objects are counted ("two small red circles")."""
+    """Deterministic compositional caption; identical objects are counted ("two small ...s")."""
     objects = scene.objects if isinstance(scene, Scene) else scene
     if not objects:
         raise ValueError("a scene needs at least one object")
@@ -216,7 +216,8 @@ _HEAD = re.compile(r"\b({})\s+({})\s+({})\s+({})\b".format(
     "|".join(COUNT_WORDS), "|".join(SIZES), "|".join(COLORS),
     "|".join(sorted(_NOUNS, key=len, reverse=True))))
 _PHRASE_TO_POSITION = {v: k for k, v in POSITION_PHRASES.items()}
-_WHERE = re.compile("|".join(re.escape(p) for p in sorted(_PHRASE_TO_POSITION, key=len, reverse=True)))
+_WHERE = re.compile("|".join(
+    re.escape(p) for p in sorted(_PHRASE_TO_POSITION, key=len, reverse=True)))
 
 
 def parse_caption(text: str) -> list[ShapeObject]:
@@ -231,42 +232,50 @@ def parse_caption(text: str) -> list[ShapeObject]:
         positions = [_PHRASE_TO_POSITION[m.group(0)] for m in _WHERE.finditer(tail)]
         count = COUNT_WORDS.index(h.group(1)) + 1
         if len(positions) != count:
-            raise ValueError(f"{h.group(0)!r} names {count} object(s) at {len(positions)} position(s)")
+            raise ValueError(
+                f"{h.group(0)!r} names {count} object(s) at {len(positions)} position(s)")
         objects += [ShapeObject(_NOUNS[h.group(4)], h.group(3), h.group(2), p) for p in positions]
     return objects
 
 
-def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+def _inside(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
+    """Whether points (offsets from the centre, y down) lie in a shape of half-extent r."""
+    ax, ay = np.abs(x), np.abs(y)
+    if shape == "circle":
+        return x * x + y * y <= r * r
     if shape == "square":
-        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if shape == "triangle":
-        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+        return (ax <= r) & (ay <= r)
+    if shape == "triangle":  # apex up, base along the bottom of the box
+        return (y <= r) & (ax <= (y + r) / 2)
     if shape == "diamond":
-        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+        return ax + ay <= r
     if shape == "cross":
         t = CROSS_ARM * r
-        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t),
-                (cx + r, cy + t), (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r),
-                (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t)]
+        return ((ax <= t) & (ay <= r)) | ((ay <= t) & (ax <= r))
     raise ValueError(f"unknown shape {shape!r}")
 
 
 def shape_alpha(shape: str, cx: float, cy: float, extent: float, height: int, width: int,
-                supersample: int = 4) -> np.ndarray:
+                supersample: int = 8) -> np.ndarray:
     """Anti-aliased coverage in [0, 1], float32 (height, width), of a shape in pixel units.
 
-    Pixel (i, j) spans [j, j+1) x [i, i+1); the evaluator fits these same templates.
+    Pixel (i, j) spans [j, j+1) x [i, i+1). Coverage is the fraction of supersample x
+    supersample exact point tests inside the shape, with no rounding of the geometry, so the
+    evaluator can fit these same templates at sub-pixel offsets.
     """
-    ss = supersample
-    canvas = Image.new("L", (width * ss, height * ss), 0)
-    draw = ImageDraw.Draw(canvas)
-    # PIL addresses pixel centres, so continuous x maps to x * ss - 0.5 on the fine grid.
-    x, y, r = cx * ss - 0.5, cy * ss - 0.5, extent * ss / 2
-    if shape == "circle":
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
-    else:
-        draw.polygon(_outline(shape, x, y, r), fill=255)
-    return np.asarray(canvas.reduce(ss), dtype=np.float32) / 255.0
+    out = np.zeros((height, width), dtype=np.float32)
+    r = extent / 2
+    y0, y1 = max(0, int(np.floor(cy - r))), min(height, int(np.ceil(cy + r)))
+    x0, x1 = max(0, int(np.floor(cx - r))), min(width, int(np.ceil(cx + r)))
+    if y0 >= y1 or x0 >= x1:
+        return out
+    offsets = (np.arange(supersample) + 0.5) / supersample
+    ys = (np.arange(y0, y1)[:, None] + offsets).ravel() - cy
+    xs = (np.arange(x0, x1)[:, None] + offsets).ravel() - cx
+    inside = _inside(shape, xs[None, :], ys[:, None], r)
+    cov = inside.reshape(y1 - y0, supersample, x1 - x0, supersample).sum(axis=(1, 3))
+    out[y0:y1, x0:x1] = cov / supersample**2
+    return out
 
 
 def _background(scene: Scene, resolution: int) -> np.ndarray:
