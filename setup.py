@@ -141,8 +141,9 @@ def discard_foreign_cache(build_dir: Path, source_dir: Path) -> None:
 
 
 setup(
-    packages=find_packages(include=["microdit", "microdit.*"]) + ["microdit.kernels"],
-    package_dir={"microdit.kernels": "kernels"},
+    packages=find_packages(include=["microdit", "microdit.*"]) + ["microdit.kernels", "microdit.configs"],
+    package_dir={"microdit.kernels": "kernels", "microdit.configs": "configs"},
+    package_data={"microdit.configs": ["*.yaml"]},
     ext_modules=[CMakeExtension("microdit._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

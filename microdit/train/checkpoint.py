@@ -1,0 +1,111 @@
+"""Training checkpoints: atomic writes, a `latest` pointer, retention, and fallback past a bad file.
+
+A checkpoint is one file `step_XXXXXXXX.pt` holding model, EMA, optimizer, step, data position
+and every RNG state. It is written to a temporary file, fsynced and renamed, then `latest` is
+rewritten the same way: a crash at any point leaves the previous checkpoint intact and pointed to.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("microdit.train")
+FORMAT = "microdit-train-checkpoint/1"
+_NAME = re.compile(r"step_(\d{8})\.pt$")
+
+
+class TrainCheckpointError(RuntimeError):
+    """A training checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut only once the directory is synced
+    finally:
+        os.close(dir_fd)
+
+
+class CheckpointManager:
+    def __init__(self, directory, keep: int = 3):
+        self.dir = Path(directory)
+        self.keep = keep
+
+    def path_for(self, step: int) -> Path:
+        return self.dir / f"step_{step:08d}.pt"
+
+    def list(self) -> list[Path]:
+        """Checkpoint files, oldest first."""
+        if not self.dir.exists():
+            return []
+        return sorted(p for p in self.dir.iterdir() if _NAME.match(p.name))
+
+    def save(self, state: dict, step: int) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.path_for(step)
+        _atomic_write(path, lambda f: torch.save({"format": FORMAT, "step": step, **state}, f))
+        _atomic_write(self.dir / "latest", lambda f: f.write(path.name.encode() + b"\n"))
+        for old in self.list()[: -self.keep] if self.keep > 0 else []:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self) -> tuple[dict, Path] | None:
+        """The newest readable checkpoint (by `latest`, then by step), or None if there is none."""
+        candidates = self.list()[::-1]
+        pointer = self.dir / "latest"
+        if pointer.exists():
+            named = self.dir / pointer.read_text().strip()
+            if named in candidates:
+                candidates.remove(named)
+                candidates.insert(0, named)
+        for path in candidates:
+            try:
+                return load_checkpoint(path), path
+            except TrainCheckpointError as e:
+                log.warning("skipping unusable checkpoint: %s", e)
+        return None
+
+
+def load_checkpoint(path) -> dict:
+    """Read a training checkpoint; a truncated or foreign file raises TrainCheckpointError naming it."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise TrainCheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise TrainCheckpointError(f"{path}: not a microdit training checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    for key in ("model", "optimizer", "step", "rng", "config"):
+        if key not in state:
+            raise TrainCheckpointError(f"{path}: missing {key!r}")
+    return state
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file, or a training output directory meaning its latest checkpoint."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for d in (p / "checkpoints", p):
+        if (d / "latest").exists():
+            named = d / (d / "latest").read_text().strip()
+            if named.exists():
+                return named
+        found = CheckpointManager(d).list()
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"no checkpoint at {p} (expected a .pt file or a training directory with checkpoints/)")

@@ -1,0 +1,55 @@
+"""Generating images from prompts with the encoders recorded with the training data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..diffusion import edm
+
+
+def encoders_from(data_info: dict, device):
+    """The text encoder and image codec that made the training data (from its metadata)."""
+    from ..data.encoders import codec_from_metadata, text_encoder_from_metadata
+
+    return (text_encoder_from_metadata(data_info["text_encoder"]).to(device),
+            codec_from_metadata(data_info["codec"]).to(device))
+
+
+@torch.no_grad()
+def generate(model, prompts: list[str], data_info: dict, *, num_per_prompt: int = 1, steps: int = 30,
+             guidance: float = 5.0, seed: int = 0, batch_size: int = 16, encoders=None) -> np.ndarray:
+    """uint8 images (len(prompts) * num_per_prompt, H, W, 3), prompt-major; same seed, same images."""
+    device = next(model.parameters()).device
+    model.eval()
+    text_encoder, codec = encoders or encoders_from(data_info, device)
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(num_per_prompt)]
+    out = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        states, _ = text_encoder.encode([prompts[i] for i, _ in chunk])
+        # Noise per image from its own (seed, prompt, k): independent of batching and device.
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i * 1009 + k))
+                             for i, k in chunk]).to(device)
+        latents = edm.sample(model, noise, states.to(device), steps=steps, guidance=guidance)
+        out.append(codec.decode(latents).cpu().numpy())
+    return np.concatenate(out)
+
+
+def save_grid(images: np.ndarray, path, nrow: int) -> Path:
+    """Tile uint8 (N, H, W, 3) images into a PNG with `nrow` images per row."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2, 3), 255, dtype=np.uint8)
+    for idx, img in enumerate(images):
+        r, c = divmod(idx, nrow)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = img
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path

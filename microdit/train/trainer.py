@@ -1,0 +1,299 @@
+"""The trainer: a small loop that delegates to the model, EDM loss, optimizer, checkpoints and logs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..diffusion import edm
+from ..models.flops import model_flops
+from ..models.microdit import MicroDiT
+from ..models.presets import preset_config
+from ..ops import token_mask
+from . import distributed
+from .checkpoint import CheckpointManager, TrainCheckpointError, load_checkpoint, resolve_checkpoint
+from .config import TrainConfig
+from .ema import EMA
+from .metrics import MetricsWriter, ProgressBar
+from .optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger("microdit.train")
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def step_seed(seed: int, step: int, micro: int) -> int:
+    """A 63-bit seed for one micro-step: the diffusion noise is a pure function of (seed, step, micro)."""
+    h = hashlib.blake2b(f"{seed}/{step}/{micro}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_model(cfg: TrainConfig, data_info: dict) -> MicroDiT:
+    """The configured preset, sized to the data: latent channels and grid, caption width."""
+    overrides = dict(cfg.model.overrides)
+    overrides.setdefault("in_channels", data_info["channels"])
+    overrides.setdefault("input_size", data_info["latent_size"])
+    overrides.setdefault("caption_channels", data_info["caption_dim"])
+    overrides["backends"] = dict(cfg.model.backends)
+    return MicroDiT(preset_config(cfg.model.preset, **overrides))
+
+
+def load_initial_weights(model: MicroDiT, source) -> None:
+    """Weights of a previous phase (training checkpoint or published format); the position table
+    is kept as this model built it when the latent grid differs (phase 3 of the recipe)."""
+    from ..models.checkpoint import extract_state_dict
+
+    path = resolve_checkpoint(source)
+    try:
+        state = load_checkpoint(path)["model"]
+    except TrainCheckpointError:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    sd = extract_state_dict(state, str(path))
+    own = model.state_dict()
+    if sd["pos_embed"].shape != own["pos_embed"].shape:
+        log.info("init_from %s: latent grid changed, position table regenerated", path)
+        sd["pos_embed"] = own["pos_embed"]
+    for k, v in own.items():
+        if k not in sd:
+            raise TrainCheckpointError(f"init_from {path}: missing tensor {k!r}")
+        if sd[k].shape != v.shape:
+            raise TrainCheckpointError(f"init_from {path}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
+                                       f"this model needs {tuple(v.shape)}")
+    model.load_state_dict({k: sd[k] for k in own}, strict=True)
+
+
+class Trainer:
+    """Trains a MicroDiT on batches {"latents": (B,C,H,W), "caption_states": (B,L,Cy)} from `loader`.
+
+    `loader` is iterable (infinitely) and has state_dict()/load_state_dict(); `data_info` holds
+    channels, latent_size, caption_dim and optionally caption_len and the encoders' metadata.
+    """
+
+    def __init__(self, cfg: TrainConfig, loader, data_info: dict, dist_info: distributed.DistInfo | None = None,
+                 resume: bool = False, callbacks=()):
+        self.cfg, self.loader, self.data_info = cfg, loader, data_info
+        self.callbacks = list(callbacks)  # each called as fn(trainer, loss_tensor) after every step
+        self.dist = dist_info or distributed.setup(cfg.train.device)
+        self.device = self.dist.device
+        self.out = Path(cfg.out)
+        t = cfg.train
+        per_step = t.micro_batch * self.dist.world_size
+        if t.global_batch % per_step:
+            raise ValueError(f"train.global_batch {t.global_batch} is not a multiple of micro_batch "
+                             f"{t.micro_batch} x world size {self.dist.world_size}")
+        self.accum = t.global_batch // per_step
+        precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
+                         else nullcontext())
+        self.precision = precision
+
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.raw = build_model(cfg, data_info).initialize_weights().to(self.device)
+        if t.init_from:
+            load_initial_weights(self.raw, t.init_from)
+        self.ema = EMA(self.raw, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
+        self.model = distributed.wrap(self.raw, self.dist, t.parallel)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.ckpts = CheckpointManager(self.out / "checkpoints", keep=t.keep_checkpoints)
+        self.step = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        if resume:
+            self._resume()
+        self.flops = model_flops(self.raw.config, cfg.diffusion.mask_ratio,
+                                 caption_len=data_info.get("caption_len", 77)).training
+        self.metrics = MetricsWriter(self.out, enabled=self.dist.is_main, tensorboard=t.tensorboard)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "model": get_model_state_dict(self.model, options=FULL),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=FULL),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "data": self.loader.state_dict(),
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+            "model_config": self.raw.config.to_dict(),
+            "data_info": self.data_info,
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self) -> Path | None:
+        state = self.state_dict()  # collective under FSDP: every rank takes part
+        path = None
+        if self.dist.is_main:
+            path = self.ckpts.save(state, self.step)
+        distributed.barrier(self.dist)
+        return path
+
+    def _resume(self) -> None:
+        found = self.ckpts.load_latest()
+        if found is None:
+            log.info("no checkpoint in %s: starting from scratch", self.ckpts.dir)
+            return
+        state, path = found
+        if state["world_size"] != self.dist.world_size:
+            raise TrainCheckpointError(f"{path}: written by {state['world_size']} ranks, resuming on "
+                                       f"{self.dist.world_size} (the data order would change)")
+        set_model_state_dict(self.model, state["model"], options=FULL)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL)
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
+        self.loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ one step
+    def _noise(self, batch_local: int, micro: int, shape):
+        """Randomness of the global micro-batch, drawn identically on every rank; this rank's slice."""
+        world, rank = self.dist.world_size, self.dist.rank
+        g = torch.Generator(self.device).manual_seed(step_seed(self.cfg.train.seed, self.step, micro))
+        n = batch_local * world
+        rnd = torch.randn(n, 1, 1, 1, device=self.device, generator=g)
+        noise = torch.randn(n, *shape, device=self.device, generator=g)
+        ids = None
+        if self.cfg.diffusion.mask_ratio > 0:
+            T = self.raw.config.num_tokens
+            ids = token_mask.keep_indices(n, T, self.cfg.diffusion.mask_ratio, self.device, g,
+                                          backend=self.raw.mask_backend["keep_indices"])
+        part = slice(rank * batch_local, (rank + 1) * batch_local)
+        return rnd[part], noise[part], None if ids is None else ids[part]
+
+    def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm) as tensors."""
+        d = self.cfg.diffusion
+        ecfg = edm.EDMConfig(sigma_data=d.sigma_data, P_mean=d.P_mean, P_std=d.P_std)
+        total = torch.zeros((), device=self.device)
+        for micro, batch in enumerate(batches):
+            x0 = batch["latents"].to(self.device, non_blocking=True)
+            y = batch["caption_states"].to(self.device, non_blocking=True)
+            rnd, noise, ids = self._noise(x0.shape[0], micro, x0.shape[1:])
+            with distributed.no_sync(self.model, micro == self.accum - 1), self.autocast:
+                loss = edm.loss(self.forward, x0, y, rnd_normal=rnd, noise=noise, ids_keep=ids, config=ecfg,
+                                model_config=self.raw.config)
+            (loss / self.accum).backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        return total / self.accum, grad_norm
+
+    def run(self) -> dict:
+        t, cfg = self.cfg.train, self.cfg
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        it = iter(self.loader)
+        bar = ProgressBar(t.steps, initial=self.step, enabled=self.dist.is_main)
+        last_t, last_step = time.perf_counter(), self.step
+        losses = []
+        self.model.train()
+        while self.step < t.steps:
+            set_lr(self.optimizer, lr_at(self.step, t.steps, cfg.optim))
+            loss, grad_norm = self.train_step([next(it) for _ in range(self.accum)])
+            # One host-device sync per step: the price of skipping a non-finite step exactly. The
+            # flag is reduced over ranks so that every rank takes the same decision.
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor norm
+                grad_norm = grad_norm.full_tensor()
+            flag = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
+            ok = bool(distributed.all_reduce_min(flag, self.dist).item() > 0)
+            if ok:
+                self.optimizer.step()
+                self.bad_steps = 0
+            else:
+                self.bad_steps += 1
+                self.skipped_steps += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.bad_steps)
+                if self.bad_steps >= t.max_bad_steps:
+                    raise NonFiniteLossError(f"{self.bad_steps} non-finite steps in a row at step {self.step}; stopping")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if self.ema and ok:
+                self.ema.update(self.raw, self.step)
+            for fn in self.callbacks:
+                fn(self, loss)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                now = time.perf_counter()
+                ips = (self.step - last_step) * t.global_batch / max(now - last_t, 1e-9)
+                last_t, last_step = now, self.step
+                lval = distributed.all_reduce_mean(loss.detach().float(), self.dist).item()
+                losses.append((self.step, lval))
+                self.metrics.log(self.step, self._metrics(lval, grad_norm.item(), ips))
+                bar.update(self.step, loss=lval, ips=ips)
+            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
+                self.save()
+            if t.sample_every and self.step % t.sample_every == 0 and self.step < t.steps:
+                self.sample_grid()
+        bar.close()
+        final = self.save()
+        self.sample_grid()
+        summary = {"steps": self.step, "skipped_steps": self.skipped_steps, "final_checkpoint": str(final),
+                   "loss_curve": losses, "precision": self.precision, "world_size": self.dist.world_size,
+                   "device": str(self.device), "parameters": self.raw.num_parameters()}
+        if self.dist.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.metrics.close()
+        return summary
+
+    def _metrics(self, loss: float, grad_norm: float, ips: float) -> dict:
+        m = {"loss/train": loss, "optim/lr": self.optimizer.param_groups[0]["lr"], "optim/grad_norm": grad_norm,
+             "perf/images_per_s": ips, "perf/model_tflops": ips * self.flops / 1e12,
+             "optim/skipped_steps": self.skipped_steps}
+        if self.device.type == "cuda":
+            m["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+        return m
+
+    def sample_grid(self) -> Path | None:
+        """A grid for the fixed prompts with the current (EMA, if any) weights; needs the data's encoders."""
+        if "text_encoder" not in self.data_info or "codec" not in self.data_info:
+            return None
+        # Full weights on every rank (a collective under FSDP), then the main rank samples alone
+        # with a plain copy of the model, so sharded training is never stepped by one rank.
+        weights = self.ema.shadow if self.ema else get_model_state_dict(self.model, options=FULL)
+        path = None
+        if self.dist.is_main:
+            from .sampling import generate, save_grid
+
+            model = MicroDiT(self.raw.config).to(self.device)
+            model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+            images = generate(model, self.cfg.train.sample_prompts, self.data_info,
+                              steps=self.cfg.train.sample_steps, guidance=self.cfg.train.sample_guidance,
+                              seed=self.cfg.train.seed)
+            path = self.out / "samples" / f"step_{self.step:08d}.png"
+            save_grid(images, path, nrow=len(self.cfg.train.sample_prompts))
+        distributed.barrier(self.dist)
+        return path

@@ -1,0 +1,30 @@
+"""A tiny in-memory stand-in for the shard loader: same API, deterministic, rank-sliced."""
+import torch
+
+
+class MemoryLoader:
+    """Infinite batches of (latents, caption_states); global batch j is split contiguously over ranks."""
+
+    def __init__(self, n=64, batch_size=4, rank=0, world_size=1, channels=4, size=8, caption=(5, 32), seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.latents = torch.randn(n, channels, size, size, generator=g)
+        self.captions = torch.randn(n, *caption, generator=g)
+        self.batch_size, self.rank, self.world = batch_size, rank, world_size
+        self.position = 0  # global batches consumed
+
+    def __iter__(self):
+        while True:
+            n = len(self.latents)
+            start = (self.position * self.batch_size * self.world + self.rank * self.batch_size) % n
+            idx = torch.arange(start, start + self.batch_size) % n
+            self.position += 1
+            yield {"latents": self.latents[idx], "caption_states": self.captions[idx], "index": idx}
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, sd):
+        self.position = sd["position"]
+
+
+DATA_INFO = {"channels": 4, "latent_size": 8, "caption_dim": 32, "caption_len": 5}
