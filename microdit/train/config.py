@@ -29,6 +29,7 @@ class DataSection:
     resolution: int = 32  # image pixels; the latent grid is resolution / codec downsample
     codec: str = "pixels"
     text_encoder: str = "minilm"
+    caption_len: int = 77  # caption tokens (the text encoder pads or truncates to this)
     num_workers: int = 0
     caption_dropout: float = 0.1
 

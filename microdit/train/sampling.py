@@ -19,14 +19,19 @@ def encoders_from(data_info: dict, device):
 
 @torch.no_grad()
 def generate(model, prompts: list[str], data_info: dict, *, num_per_prompt: int = 1, steps: int = 30,
-             guidance: float = 5.0, seed: int = 0, batch_size: int = 16, encoders=None) -> np.ndarray:
-    """uint8 images (len(prompts) * num_per_prompt, H, W, 3), prompt-major; same seed, same images."""
+             guidance: float = 5.0, seed: int = 0, batch_size: int = 16, encoders=None,
+             jobs: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """uint8 images (len(prompts) * num_per_prompt, H, W, 3), prompt-major; same seed, same images.
+
+    `jobs` picks (prompt index, k) pairs to make instead of all of them, in that order.
+    """
     device = next(model.parameters()).device
     model.eval()
     text_encoder, codec = encoders or encoders_from(data_info, device)
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    jobs = [(i, k) for i in range(len(prompts)) for k in range(num_per_prompt)]
+    if jobs is None:
+        jobs = [(i, k) for i in range(len(prompts)) for k in range(num_per_prompt)]
     out = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]

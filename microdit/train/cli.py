@@ -1,0 +1,195 @@
+"""`microdit train`, `microdit sample` and `microdit eval`."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("microdit.train")
+
+
+def data_info_from(dataset) -> dict:
+    """What the model and the sampler need to know of prepared data."""
+    item = dataset[0]
+    C, h, _ = item["latents"].shape
+    L, Cy = item["caption_states"].shape
+    return {"channels": int(C), "latent_size": int(h), "caption_dim": int(Cy), "caption_len": int(L),
+            "resolution": dataset.resolution, "codec": dataset.metadata["codec"],
+            "text_encoder": dataset.metadata["text_encoder"], "path": str(dataset.root)}
+
+
+def prepare_default_data(cfg, info) -> Path:
+    """The config's source prepared into OUT/data on first use (rank 0 writes; others wait)."""
+    from ..data.encoders import get_text_encoder
+    from ..data.prepare import prepare
+    from . import distributed
+
+    root = Path(cfg.out) / "data"
+    if info.is_main:
+        d = cfg.data
+        summary = prepare(d.source, root, resolutions=(d.resolution,), codec=d.codec,
+                          text_encoder=get_text_encoder(d.text_encoder, max_length=d.caption_len),
+                          num=d.num, seed=cfg.train.seed)
+        log.info("data ready in %s: %d samples (%d skipped)", root, summary["written"] + summary.get("existing", 0),
+                 summary["skipped"])
+    distributed.barrier(info)
+    return root
+
+
+def cmd_train(args) -> int:
+    from ..data.loader import ShardLoader
+    from . import distributed
+    from .config import load_config
+    from .trainer import Trainer
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out={args.out}")
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    cfg = load_config(args.config, overrides)
+    info = distributed.setup(cfg.train.device)
+    _logging(info.is_main)
+    try:
+        root = Path(cfg.data.path) if cfg.data.path else prepare_default_data(cfg, info)
+        loader = ShardLoader(root, cfg.train.micro_batch, rank=info.rank, world_size=info.world_size,
+                             seed=cfg.train.seed, resolution=cfg.data.resolution,
+                             caption_dropout=cfg.data.caption_dropout, num_workers=cfg.data.num_workers,
+                             pin_memory=info.device.type == "cuda")
+        trainer = Trainer(cfg, loader, data_info_from(loader.dataset), dist_info=info, resume=args.resume)
+        summary = trainer.run()
+        if info.is_main:
+            print(json.dumps({k: v for k, v in summary.items() if k != "loss_curve"}, indent=2))
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def load_for_sampling(checkpoint, use_ema: bool, device):
+    """(model, data_info) from a training checkpoint file or output directory."""
+    from ..models.config import MicroDiTConfig
+    from ..models.microdit import MicroDiT
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path)
+    if use_ema and not state.get("ema"):
+        raise ValueError(f"{path}: --ema asked for, but this run kept no EMA (ema.enabled was false)")
+    weights = state["ema"]["shadow"] if use_ema else state["model"]
+    model = MicroDiT(MicroDiTConfig.from_dict(state["model_config"]))
+    model.load_state_dict(weights)
+    log.info("loaded %s (step %d%s)", path, state["step"], ", EMA weights" if use_ema else "")
+    return model.to(device).eval(), state["data_info"]
+
+
+def _split_generate(model, prompts, data_info, info, **kw):
+    """Each rank generates its share of (prompt, k) jobs; rank 0 gets all images in order."""
+    import numpy as np
+
+    from . import distributed
+    from .sampling import generate
+
+    k = kw.pop("num_per_prompt")
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(k)]
+    mine = jobs[info.rank::info.world_size]
+    # Every image is a function of (seed, prompt, k) alone, so the split does not change it.
+    made = generate(model, prompts, data_info, jobs=mine, **kw) if mine else []
+    images = {job: made[n:n + 1] for n, job in enumerate(mine)}
+    if info.enabled:
+        gathered = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, images)
+        for part in gathered:
+            images.update(part)
+    distributed.barrier(info)
+    return np.concatenate([images[job] for job in jobs]) if info.is_main else None
+
+
+def cmd_sample(args) -> int:
+    from PIL import Image
+
+    from . import distributed
+    from .sampling import save_grid
+
+    info = distributed.setup(args.device)
+    _logging(info.is_main)
+    try:
+        model, data_info = load_for_sampling(args.checkpoint, args.ema, info.device)
+        images = _split_generate(model, args.prompts, data_info, info, num_per_prompt=args.num_per_prompt,
+                                 steps=args.steps, guidance=args.guidance, seed=args.seed)
+        if info.is_main:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            for n, img in enumerate(images):
+                i, k = divmod(n, args.num_per_prompt)
+                Image.fromarray(img).save(out / f"{i}_{k}.png")
+            save_grid(images, out / "grid.png", nrow=args.num_per_prompt)
+            print(f"wrote {len(images)} images and grid.png to {out}")
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ..eval.shapes_eval import ShapesEval, eval_prompts
+    from . import distributed
+
+    info = distributed.setup(args.device)
+    _logging(info.is_main)
+    try:
+        model, data_info = load_for_sampling(args.checkpoint, args.ema, info.device)
+        prompts = [p if isinstance(p, str) else p[0] for p in eval_prompts(args.num, args.seed)]
+        images = _split_generate(model, prompts, data_info, info, num_per_prompt=1, steps=args.steps,
+                                 guidance=args.guidance, seed=args.seed)
+        if info.is_main:
+            scores = ShapesEval().score(images, prompts)
+            report = {"checkpoint": str(args.checkpoint), "ema": args.ema, "num_prompts": len(prompts),
+                      "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+                      **{k: v for k, v in scores.items() if k != "details"}}
+            if args.details:
+                report["details"] = scores.get("details")
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2))
+            print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=2))
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def _logging(main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a MicroDiT (works under torchrun)")
+    p.add_argument("--config", default="demo", help="a shipped config (demo, phase1..phase4) or a YAML path")
+    p.add_argument("--data", help="shards made by `microdit prepare` (default: the config's data)")
+    p.add_argument("--out", help="output directory (checkpoints, logs, samples)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
+    p.set_defaults(fn=cmd_train)
+
+    for name, fn, helptext in (("sample", cmd_sample, "generate images from prompts"),
+                               ("eval", cmd_eval, "ShapesEval of a model trained on shapes")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("checkpoint", help="a checkpoint file or a training output directory (its latest)")
+        if name == "sample":
+            p.add_argument("prompts", nargs="+", metavar="PROMPT")
+            p.add_argument("--num-per-prompt", type=int, default=1)
+            p.add_argument("--out", required=True, help="directory for <prompt>_<k>.png and grid.png")
+        else:
+            p.add_argument("--out", required=True, help="the JSON report to write")
+            p.add_argument("--num", type=int, default=120, help="evaluation prompts")
+            p.add_argument("--details", action="store_true", help="include per-prompt details")
+        p.add_argument("--steps", type=int, default=30)
+        p.add_argument("--guidance", type=float, default=5.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--ema", action="store_true", help="use the EMA weights")
+        p.add_argument("--device", default="auto")
+        p.set_defaults(fn=fn)
