@@ -106,8 +106,9 @@ def decode_image(raw, path: str, resolutions: Sequence[int], min_size: int) -> d
             if min(w, h) < min_size:
                 raise SkipItem(path, f"image too small: {w}x{h}, short side < {min_size}")
             if getattr(image, "format", None) == "JPEG":
-                # Decode big JPEGs at a reduced scale that still covers the largest target.
-                r = max(resolutions)
+                # Decode big JPEGs at a reduced DCT scale that keeps twice the largest target
+                # (PIL's thumbnail rule, reducing_gap=2), so the final resize still antialiases.
+                r = 2 * max(resolutions)
                 s = min(w, h)
                 image.draft("RGB", (max(r, round(w * r / s)), max(r, round(h * r / s))))
             image.load()

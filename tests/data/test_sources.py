@@ -147,3 +147,13 @@ def test_array_and_pil_inputs_decode():
         decode_image(b"", "a", (10,), 5)
     with pytest.raises(SkipItem, match="decode"):
         decode_image(io.BytesIO(b"x").getvalue(), "a", (10,), 5)
+
+
+def test_jpeg_draft_decoding_is_close_to_a_full_decode():
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    data = image_bytes(base.resize((800, 600), Image.Resampling.BICUBIC), "JPEG")
+    fast = decode_image(data, "a", (32,), 16)[32].astype(int)
+    with Image.open(io.BytesIO(data)) as im:
+        full = center_crop_resize(im.convert("RGB"), 32).astype(int)
+    assert np.abs(fast - full).mean() < 1.0
