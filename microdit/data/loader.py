@@ -1,0 +1,226 @@
+"""Training batches from latent shards: seeded shuffling, rank and worker sharding, caption dropout, exact resume.
+
+The batch sequence is a pure function of (seed, epoch, batch): epoch e is the permutation
+`default_rng([seed, e]).permutation(N)`; rank r takes every world_size-th sample of it (disjoint
+across ranks), cut to the same length on every rank so no rank waits at a collective; its
+batches are consecutive runs of batch_size. Worker w of k produces the rank's batches w, w + k,
+..., and the DataLoader returns them round-robin, i.e. in order. A loader's position is the
+number of batches it has handed out, so `state_dict()` / `load_state_dict()` resume exactly,
+whatever num_workers is.
+
+Caption dropout (for classifier-free guidance) drops sample i in epoch e when a hash of
+(seed, e, i) falls below the rate: reproducible, independent of batch size, workers and ranks. A
+dropped caption has all states zero and an all-False mask (the null caption: the model ignores
+masks, and an all-False mask carries no caption length, so the unconditional input is the same
+for every sample and at sampling time); `caption_dropped` (B,) marks them. Use either this or
+`edm.loss(caption_dropout=...)`, not both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from .shards import ShardDataset
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def sample_uniform(seed: int, epoch: int, indices) -> np.ndarray:
+    """A uniform [0, 1) number per (seed, epoch, sample index), the same in every process."""
+    base = _splitmix64(np.array([(seed * 0x9E3779B97F4A7C15 + epoch) & _MASK64], dtype=np.uint64))
+    x = _splitmix64(np.asarray(indices, dtype=np.int64).astype(np.uint64) ^ base)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Which samples form batch b of epoch e on one rank, and whose caption is dropped."""
+
+    num_samples: int
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = True
+    caption_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{self.num_samples} samples give no batch of {self.batch_size} per rank with "
+                             f"world_size {self.world_size} (drop_last={self.drop_last})")
+
+    @property
+    def samples_per_rank(self) -> int:
+        n, w = self.num_samples, self.world_size
+        return n // w if self.drop_last else math.ceil(n / w)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        per, b = self.samples_per_rank, self.batch_size
+        return per // b if self.drop_last else math.ceil(per / b)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """All sample indices in epoch `epoch`'s order (before rank splitting)."""
+        if self.shuffle:
+            return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        return np.arange(self.num_samples)
+
+    def rank_indices(self, epoch: int, order: np.ndarray | None = None) -> np.ndarray:
+        """This rank's samples of epoch `epoch`, in order."""
+        order = self.epoch_order(epoch) if order is None else order
+        per, w = self.samples_per_rank, self.world_size
+        if per * w > len(order):  # not drop_last: pad by wrapping, as DistributedSampler does
+            order = np.concatenate([order, order[: per * w - len(order)]])
+        return order[self.rank::w][:per]
+
+    def batch_indices(self, epoch: int, batch: int, rank_indices: np.ndarray | None = None) -> np.ndarray:
+        """Sample indices of batch `batch` of epoch `epoch` on this rank."""
+        if not 0 <= batch < self.batches_per_epoch:
+            raise IndexError(f"batch {batch} out of range for {self.batches_per_epoch} batches per epoch")
+        ri = self.rank_indices(epoch) if rank_indices is None else rank_indices
+        return ri[batch * self.batch_size:(batch + 1) * self.batch_size]
+
+    def dropped(self, epoch: int, indices) -> np.ndarray:
+        """Whether each sample's caption is dropped in epoch `epoch` (bool array)."""
+        if self.caption_dropout <= 0.0:
+            return np.zeros(len(indices), dtype=bool)
+        return sample_uniform(self.seed, epoch, indices) < self.caption_dropout
+
+    def positions(self, start: int, step: int = 1):
+        """(epoch, batch, indices) for global batch positions start, start + step, ... forever."""
+        cached_epoch, cached = None, None
+        p = start
+        while True:
+            epoch, batch = divmod(p, self.batches_per_epoch)
+            if epoch != cached_epoch:  # one permutation per epoch, not per batch
+                cached_epoch, cached = epoch, self.rank_indices(epoch)
+            yield epoch, batch, self.batch_indices(epoch, batch, cached)
+            p += step
+
+
+def apply_caption_dropout(batch: dict, dropped: np.ndarray) -> dict:
+    """Zero the states and mask of dropped captions in place; adds `caption_dropped` (B,)."""
+    d = torch.from_numpy(np.asarray(dropped, dtype=bool))
+    if d.any():
+        batch["caption_states"][d] = 0.0
+        batch["caption_mask"][d] = False
+    batch["caption_dropped"] = d
+    return batch
+
+
+def make_batch(dataset: ShardDataset, plan: BatchPlan, epoch: int, indices: np.ndarray) -> dict:
+    """The training batch of `indices` in epoch `epoch`: stacked tensors, captions, index."""
+    batch = dataset.get_batch(indices)
+    batch.pop("keys", None)
+    return apply_caption_dropout(batch, plan.dropped(epoch, indices))
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Batches from position `start` on, forever; worker w of k makes positions start + w + j*k."""
+
+    def __init__(self, dataset: ShardDataset, plan: BatchPlan, start: int):
+        self.dataset, self.plan, self.start = dataset, plan, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, k = (0, 1) if info is None else (info.id, info.num_workers)
+        for epoch, _, idx in self.plan.positions(self.start + w, k):
+            yield make_batch(self.dataset, self.plan, epoch, idx)
+
+
+def _identity(x):
+    return x
+
+
+class ShardLoader:
+    """An endless, resumable iterator of training batches over prepared shards (see module doc)."""
+
+    def __init__(self, root, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 resolution: int | None = None, caption_dropout: float = 0.0, num_workers: int = 0,
+                 drop_last: bool = True, shuffle: bool = True, pin_memory: bool = False,
+                 prefetch_factor: int = 2, verify: bool = False):
+        self.dataset = root if isinstance(root, ShardDataset) else ShardDataset(root, resolution, verify=verify)
+        self.plan = BatchPlan(len(self.dataset), batch_size, rank, world_size, seed, shuffle, drop_last,
+                              caption_dropout)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        self._position = 0
+        self._iter = None
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return self.plan.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._position // len(self)
+
+    @property
+    def batch(self) -> int:
+        return self._position % len(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._iter is None:
+            self._iter = self._batches(self._position)
+        batch = next(self._iter)
+        self._position += 1
+        return batch
+
+    def _batches(self, start: int):
+        if self.num_workers == 0:
+            for epoch, _, idx in self.plan.positions(start):
+                yield make_batch(self.dataset, self.plan, epoch, idx)
+            return
+        loader = torch.utils.data.DataLoader(
+            _BatchStream(self.dataset, self.plan, start), batch_size=None, collate_fn=_identity,
+            num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor)
+        yield from loader
+
+    def close(self) -> None:
+        """Stop any worker processes (a later next() starts them again at the same position)."""
+        if self._iter is not None:
+            self._iter.close()
+            self._iter = None
+
+    def state_dict(self) -> dict:
+        """The position and everything that fixes the batch sequence."""
+        p = self.plan
+        return {"epoch": self.epoch, "batch": self.batch, "seed": p.seed, "num_samples": p.num_samples,
+                "batch_size": p.batch_size, "world_size": p.world_size, "rank": p.rank,
+                "shuffle": p.shuffle, "drop_last": p.drop_last, "caption_dropout": p.caption_dropout,
+                "resolution": self.dataset.resolution}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()`: the next batch is the one the saved loader would have given next."""
+        p = self.plan
+        fixed = {"num_samples": p.num_samples, "batch_size": p.batch_size, "world_size": p.world_size,
+                 "shuffle": p.shuffle, "drop_last": p.drop_last}
+        diff = [f"{k}: saved {state[k]!r}, now {v!r}" for k, v in fixed.items() if k in state and state[k] != v]
+        if diff:
+            raise ValueError("cannot resume this loader from a state with a different batch sequence: "
+                             + "; ".join(diff))
+        self.close()
+        self.plan = dataclasses.replace(p, seed=int(state.get("seed", p.seed)))
+        self._position = int(state["epoch"]) * len(self) + int(state["batch"])
