@@ -14,10 +14,10 @@ PRESETS: dict[str, dict] = {
         dim=512, depth=16, head_dim=32, patch_mixer_depth=4, patch_mixer_dim=512,
         qkv_range=(0.5, 1.0), ffn_range=(0.5, 4.0), num_experts=8, expert_capacity=2.0,
     ),
-    # A few million parameters: trains on a 2-core CPU in minutes (the demo).
+    # About 2.5M parameters: trains on a 2-core CPU in minutes (the demo, `configs/demo.yaml`).
     "MicroDiT_Micro_2": dict(
-        dim=192, depth=6, head_dim=32, multiple_of=64, caption_channels=384, input_size=16,
-        patch_mixer_depth=2, patch_mixer_dim=128, qkv_range=(0.5, 1.0), ffn_range=(0.5, 4.0),
+        dim=128, depth=4, head_dim=32, multiple_of=32, caption_channels=384, input_size=16,
+        patch_mixer_depth=2, patch_mixer_dim=96, qkv_range=(0.5, 1.0), ffn_range=(0.5, 4.0),
         num_experts=4, expert_capacity=2.0,
     ),
     # The smallest model with every feature switched on, for tests.

@@ -114,6 +114,8 @@ def _merge(obj, values: dict, where: str):
             if not isinstance(value, dict):
                 raise ValueError(f"{where}.{key}: expected a mapping, got {value!r}")
             _merge(current, value, f"{where}.{key}")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            setattr(obj, key, {**current, **value})  # dict settings merge key by key
         else:
             if isinstance(current, tuple) and isinstance(value, list):
                 value = tuple(value)

@@ -180,3 +180,8 @@ def test_config_errors(tmp_path):
     bad.write_text("train:\n  stepz: 3\n")
     with pytest.raises(ValueError, match="unknown key 'stepz'"):
         load_config(str(bad))
+
+
+def test_dict_overrides_merge():
+    cfg = load_config(None, ["model.overrides.dim=96", "model.overrides.depth=3", "model.backends.moe=reference"])
+    assert cfg.model.overrides == {"dim": 96, "depth": 3} and cfg.model.backends == {"moe": "reference"}
