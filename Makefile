@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 SOURCES := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test test-fast clean
+.PHONY: install demo test test-fast clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -18,6 +18,9 @@ $(VENV)/.installed: $(SOURCES)
 
 install: $(VENV)/.installed
 
+demo: install
+	$(PY) -m microdit.cli demo --out runs/demo
+
 test: install
 	$(PY) -m pytest -q
 
@@ -25,4 +28,4 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) build *.egg-info microdit/_C*.so
+	rm -rf $(VENV) build *.egg-info microdit/_C*.so runs
