@@ -116,21 +116,22 @@ class BatchPlan:
             p += step
 
 
-def apply_caption_dropout(batch: dict, dropped: np.ndarray) -> dict:
-    """Zero the states and mask of dropped captions in place; adds `caption_dropped` (B,)."""
-    d = torch.from_numpy(np.asarray(dropped, dtype=bool))
-    if d.any():
-        batch["caption_states"][d] = 0.0
-        batch["caption_mask"][d] = False
-    batch["caption_dropped"] = d
-    return batch
+def drop_captions(arrays: dict, dropped: np.ndarray) -> None:
+    """Zero the caption states and mask of the dropped rows of `ShardDataset.gather` arrays, in place."""
+    if dropped.any():  # on the stored (half-size) arrays, before the float32 copy
+        arrays["caption_states"][dropped] = 0
+        arrays["caption_mask"][dropped] = False
 
 
 def make_batch(dataset: ShardDataset, plan: BatchPlan, epoch: int, indices: np.ndarray) -> dict:
     """The training batch of `indices` in epoch `epoch`: stacked tensors, captions, index."""
-    batch = dataset.get_batch(indices)
+    arrays = dataset.gather(indices)
+    dropped = plan.dropped(epoch, indices)
+    drop_captions(arrays, dropped)
+    batch = dataset.to_batch(arrays, indices)
     batch.pop("keys", None)
-    return apply_caption_dropout(batch, plan.dropped(epoch, indices))
+    batch["caption_dropped"] = torch.from_numpy(dropped)
+    return batch
 
 
 class _BatchStream(torch.utils.data.IterableDataset):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -198,8 +199,9 @@ def _to_float32(arr: np.ndarray, code: str) -> torch.Tensor:
     """A float32 tensor from stored values (BF16 arrives as raw uint16)."""
     t = torch.from_numpy(np.ascontiguousarray(arr))
     if code == "BF16":
-        return t.view(torch.bfloat16).float()
-    return t.float()
+        t = t.view(torch.bfloat16)
+    # copy_ into a fresh float32 tensor runs the conversion in parallel; .float() does not.
+    return torch.empty(t.shape, dtype=torch.float32).copy_(t)
 
 
 class ShardDataset:
@@ -260,17 +262,17 @@ class ShardDataset:
         if arrays is None:
             path = self.root / self.shards[j]["file"]
             header, _, start = read_header(path)
+            with open(path, "rb") as f:
+                # Plain arrays over one mmap: np.memmap's subclass costs more per fancy index.
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
             arrays = {}
             for name in (self.latents_name, "caption_states", "caption_mask"):
                 if name not in header:
                     raise ShardError(f"shard {path} has no tensor {name!r}")
                 e = header[name]
-                shape = tuple(e["shape"])
-                if shape[0] == 0:
-                    arr = np.zeros(shape, _NUMPY[e["dtype"]])
-                else:
-                    arr = np.memmap(path, dtype=_NUMPY[e["dtype"]], mode="r",
-                                    offset=start + e["data_offsets"][0], shape=shape)
+                dtype, shape = np.dtype(_NUMPY[e["dtype"]]), tuple(e["shape"])
+                arr = np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape)),
+                                    offset=start + e["data_offsets"][0]).reshape(shape)
                 arrays[name] = (arr, e["dtype"])
             self._open[j] = arrays
         return arrays
