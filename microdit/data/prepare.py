@@ -12,6 +12,7 @@ in a pool of worker processes while the main process encodes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -272,7 +273,15 @@ def prepare(source, out, resolutions: Sequence[int] | None = None, codec="pixels
     workers = default_workers() if workers is None else int(workers)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"format": S.FORMAT, "version": S.VERSION, "source": src.describe(),
+    refs = src.refs()
+    # The listing decides which item lands in which shard: a folder that gained or lost files
+    # since the first run must not be resumed into shards made from the old listing.
+    digest = hashlib.sha256()
+    for ref in refs:
+        digest.update(repr(ref).encode() + b"\n")
+    listing = digest.hexdigest()
+    settings = {"format": S.FORMAT, "version": S.VERSION,
+                "source": {**src.describe(), "items": len(refs), "listing_sha256": listing},
                 "resolutions": list(resolutions), "codec_spec": _spec(codec),
                 "text_encoder_spec": _spec(text_encoder), "dtype": dtype, "shard_size": shard_size,
                 "min_size": min_size}
@@ -280,7 +289,6 @@ def prepare(source, out, resolutions: Sequence[int] | None = None, codec="pixels
         recorded = _check_settings(out, settings)
         for stale in out.glob(f"*{S.TMP_MARK}*"):  # left by a killed run; never a finished file
             stale.unlink(missing_ok=True)
-        refs = src.refs()
         n_shards = math.ceil(len(refs) / shard_size)
         ranges = [refs[j * shard_size:(j + 1) * shard_size] for j in range(n_shards)]
         paths = [out / S.SHARD_PATTERN.format(j) for j in range(n_shards)]

@@ -219,6 +219,7 @@ class FolderSource(Source):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.root = self.root.resolve()  # the same listing from any working directory
         self.num = num
 
     def refs(self) -> list:
@@ -240,7 +241,7 @@ class FolderSource(Source):
         return str(Path(ref).with_suffix("")), str(path), _read_bytes(path), caption
 
     def describe(self):
-        return {"kind": self.name, "root": str(self.root.resolve()), "num": self.num}
+        return {"kind": self.name, "root": str(self.root), "num": self.num}
 
 
 class ManifestSource(Source):
@@ -252,6 +253,7 @@ class ManifestSource(Source):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"manifest {self.path} does not exist")
+        self.path = self.path.resolve()  # the same listing from any working directory
         if self.path.suffix.lower() not in (".jsonl", ".csv"):
             raise ValueError(f"manifest {self.path} must be .jsonl or .csv")
         self.num = num
@@ -300,7 +302,7 @@ class ManifestSource(Source):
         return str(Path(image).with_suffix("")), str(path), _read_bytes(path), caption
 
     def describe(self):
-        return {"kind": self.name, "path": str(self.path.resolve()), "num": self.num}
+        return {"kind": self.name, "path": str(self.path), "num": self.num}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +333,7 @@ class WebDatasetSource(Source):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"webdataset folder {self.root} does not exist")
+        self.root = self.root.resolve()  # the same listing from any working directory
         self.tars = sorted(p for p in self.root.rglob("*.tar") if p.is_file())
         if not self.tars:
             raise FileNotFoundError(f"no .tar files in {self.root}")
@@ -393,7 +396,7 @@ class WebDatasetSource(Source):
         return ref.key, f"{ref.tar}:{ref.image[0]}", raw, caption
 
     def describe(self):
-        return {"kind": self.name, "root": str(self.root.resolve()), "num": self.num,
+        return {"kind": self.name, "root": str(self.root), "num": self.num,
                 "tars": [str(p.relative_to(self.root)) for p in self.tars]}
 
 

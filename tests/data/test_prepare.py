@@ -180,6 +180,12 @@ def test_refuses_to_mix_settings(tmp_path, capsys):
     assert cli_main(["prepare", "shapes", str(tmp_path / "o"), "--num", "8", "--resolution", "16",
                      "--no-progress"]) == 2
     assert "other settings" in capsys.readouterr().err
+    # A folder that changed since the first run is not resumed into shards of the old listing.
+    make_image_folder(tmp_path / "imgs", n_good=4)
+    prepare(tmp_path / "imgs", tmp_path / "o_imgs", resolutions=[16], **kw)
+    make_image_folder(tmp_path / "imgs", n_good=5)
+    with pytest.raises(PrepareError, match="listing_sha256"):
+        prepare(tmp_path / "imgs", tmp_path / "o_imgs", resolutions=[16], **kw)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "shard-00000.safetensors").write_bytes(b"x")
     with pytest.raises(PrepareError, match="not made by"):
