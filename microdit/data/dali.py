@@ -91,7 +91,9 @@ class DALILoader:
         return pipe
 
     def _to_torch(self, tl, dtype=None) -> torch.Tensor:
-        if self.device_id is None:
+        from nvidia.dali.tensors import TensorListGPU
+
+        if not isinstance(tl, TensorListGPU):  # CPU-only runs, and the index (kept on the host)
             out = torch.from_numpy(np.array(tl.as_tensor()))
         else:
             from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
