@@ -142,7 +142,7 @@ def cmd_eval(args) -> int:
     _logging(info.is_main)
     try:
         model, data_info = load_for_sampling(args.checkpoint, args.ema, info.device)
-        prompts = [p if isinstance(p, str) else p[0] for p in eval_prompts(args.num, args.seed)]
+        prompts = [p.prompt for p in eval_prompts(args.num, args.seed)]
         images = _split_generate(model, prompts, data_info, info, num_per_prompt=1, steps=args.steps,
                                  guidance=args.guidance, seed=args.seed)
         if info.is_main:

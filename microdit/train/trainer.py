@@ -181,7 +181,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _noise(self, batch_local: int, micro: int, shape):
-        """Randomness of the global micro-batch, drawn identically on every rank; this rank's slice."""
+        """Randomness of the global micro-batch, drawn identically on every rank; this rank's share."""
         world, rank = self.dist.world_size, self.dist.rank
         g = torch.Generator(self.device).manual_seed(step_seed(self.cfg.train.seed, self.step, micro))
         n = batch_local * world
@@ -192,7 +192,9 @@ class Trainer:
             T = self.raw.config.num_tokens
             ids = token_mask.keep_indices(n, T, self.cfg.diffusion.mask_ratio, self.device, g,
                                           backend=self.raw.mask_backend["keep_indices"])
-        part = slice(rank * batch_local, (rank + 1) * batch_local)
+        # Rank r holds samples r, r + W, r + 2W, ... of the global micro-batch (the loader's
+        # stride), so W ranks see exactly the randomness one process would for the same batch.
+        part = slice(rank, n, world)
         return rnd[part], noise[part], None if ids is None else ids[part]
 
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@ import torch
 
 
 class MemoryLoader:
-    """Infinite batches of (latents, caption_states); global batch j is split contiguously over ranks."""
+    """Infinite batches of (latents, caption_states); rank r takes samples r, r + W, ... of each global batch."""
 
     def __init__(self, n=64, batch_size=4, rank=0, world_size=1, channels=4, size=8, caption=(5, 32), seed=0):
         g = torch.Generator().manual_seed(seed)
@@ -15,8 +15,8 @@ class MemoryLoader:
     def __iter__(self):
         while True:
             n = len(self.latents)
-            start = (self.position * self.batch_size * self.world + self.rank * self.batch_size) % n
-            idx = torch.arange(start, start + self.batch_size) % n
+            start = self.position * self.batch_size * self.world + self.rank
+            idx = torch.arange(start, start + self.batch_size * self.world, self.world) % n
             self.position += 1
             yield {"latents": self.latents[idx], "caption_states": self.captions[idx], "index": idx}
 
