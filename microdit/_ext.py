@@ -150,3 +150,116 @@ def scatter_tokens(
     else:
         _launch_cuda(_cuda_module(src.device).scatter_tokens_cuda, "scatter_tokens", src.device, *args)
     return out
+
+
+# ---------------------------------------------------------------- expert-choice MoE
+# Layouts: tokens (B, T, D); idx (B, E, K) int64; weight (B, E, K) in the tokens' dtype;
+# blocks (E, B, K, D) expert-major; inv (B, T, E) int32 (slot or -1). See csrc/moe_dispatch/.
+def _check_moe_idx(idx, device: torch.device) -> tuple[int, int, int]:
+    _check_tensor("idx", idx, 3, device)
+    if idx.dtype != torch.int64:
+        _fail("idx", "dtype torch.int64 (call .long())", idx.dtype)
+    return tuple(idx.shape)
+
+
+def _check_same(name: str, t, shape: tuple[int, ...], ref: torch.Tensor) -> None:
+    _check_tensor(name, t, len(shape), ref.device)
+    if tuple(t.shape) != shape or t.dtype != ref.dtype:
+        _fail(name, f"shape {shape} and dtype {ref.dtype}", f"shape {tuple(t.shape)} and dtype {t.dtype}")
+
+
+def _check_float(name: str, t, ndim: int) -> int:
+    _check_tensor(name, t, ndim)
+    if t.dtype not in DTYPE_CODES:
+        _fail(name, f"dtype {_DTYPE_NAMES}", t.dtype)
+    return DTYPE_CODES[t.dtype]
+
+
+def _run(name: str, device: torch.device, *args) -> None:
+    if device.type == "cpu":
+        getattr(extension(), name + "_cpu")(*args)
+    else:
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            getattr(_cuda_module(device), name + "_cuda")(*args, stream)
+
+
+def moe_inverse(idx: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, E, K) int64 -> (B, T, E) int32: inv[b, t, e] = j where idx[b, e, j] == t, else -1.
+
+    On the CPU an index out of range or chosen twice by one expert raises ValueError; on CUDA an
+    out-of-range index is dropped (MICRODIT_CHECK_INDICES=1 raises instead, with a sync).
+    """
+    B, E, K = _check_moe_idx(idx, idx.device)
+    T = _check_num_tokens(T, K)
+    inv = torch.empty(B, T, E, dtype=torch.int32, device=idx.device)
+    if idx.device.type == "cpu":
+        extension().moe_inverse_cpu(idx.data_ptr(), inv.data_ptr(), B, T, E, K)
+    else:
+        _launch_cuda(_cuda_module(idx.device).moe_inverse_cuda, "moe_inverse", idx.device,
+                     idx.data_ptr(), inv.data_ptr(), B, T, E, K)
+    return inv
+
+
+def moe_gather(tokens: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, D), (B, E, K) -> (E, B, K, D): blocks[e, b, j] = weight[b, e, j] * tokens[b, idx[b, e, j]]."""
+    dtype = _check_float("tokens", tokens, 3)
+    B, T, D = tokens.shape
+    if _check_moe_idx(idx, tokens.device)[0] != B:
+        _fail("idx", f"shape (B={B}, E, K) to match tokens", f"shape {tuple(idx.shape)}")
+    _, E, K = idx.shape
+    if weight is not None:
+        _check_same("weight", weight, (B, E, K), tokens)
+    blocks = torch.empty(E, B, K, D, dtype=tokens.dtype, device=tokens.device)
+    _run("moe_gather", tokens.device, tokens.data_ptr(), idx.data_ptr(),
+         0 if weight is None else weight.data_ptr(), blocks.data_ptr(), B, T, E, K, D, dtype)
+    return blocks
+
+
+def moe_gather_dot(grad: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+                   need_dblocks: bool = True, need_dweight: bool = True):
+    """The combine's backward: (dblocks (E, B, K, D) or None, dweight (B, E, K) or None) with
+    g = grad[b, idx[b, e, j]]: dblocks[e, b, j] = weight[b, e, j] * g, dweight[b, e, j] = <g, blocks[e, b, j]>."""
+    dtype = _check_float("grad", grad, 3)
+    B, T, D = grad.shape
+    if _check_moe_idx(idx, grad.device)[0] != B:
+        _fail("idx", f"shape (B={B}, E, K) to match grad", f"shape {tuple(idx.shape)}")
+    _, E, K = idx.shape
+    _check_same("blocks", blocks, (E, B, K, D), grad)
+    _check_same("weight", weight, (B, E, K), grad)
+    dblocks = torch.empty_like(blocks) if need_dblocks else None
+    dweight = torch.empty_like(weight) if need_dweight else None
+    _run("moe_gather_dot", grad.device, grad.data_ptr(), blocks.data_ptr(), idx.data_ptr(),
+         weight.data_ptr(), 0 if dblocks is None else dblocks.data_ptr(),
+         0 if dweight is None else dweight.data_ptr(), B, T, E, K, D, dtype)
+    return dblocks, dweight
+
+
+def moe_combine(blocks: torch.Tensor, inv: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(E, B, K, D), inv (B, T, E) int32 -> (B, T, D): the weighted sum of each token's expert rows,
+    added in expert order (deterministic); tokens no expert chose are zero."""
+    dtype = _check_float("blocks", blocks, 4)
+    E, B, K, D = blocks.shape
+    _check_tensor("inv", inv, 3, blocks.device)
+    if inv.dtype != torch.int32 or inv.shape[0] != B or inv.shape[2] != E:
+        _fail("inv", f"an int32 tensor of shape (B={B}, T, E={E})", f"{inv.dtype} of shape {tuple(inv.shape)}")
+    T = inv.shape[1]
+    if K > T:
+        _fail("blocks", f"at most T = {T} slots per expert", f"K = {K}")
+    if weight is not None:
+        _check_same("weight", weight, (B, E, K), blocks)
+    out = torch.empty(B, T, D, dtype=blocks.dtype, device=blocks.device)
+    _run("moe_combine", blocks.device, blocks.data_ptr(), inv.data_ptr(),
+         0 if weight is None else weight.data_ptr(), out.data_ptr(), B, T, E, K, D, dtype)
+    return out
+
+
+def moe_gelu_(h: torch.Tensor) -> torch.Tensor:
+    """In place h = gelu(h) (exact, erf); returns gelu'(h) of the input, same shape and dtype."""
+    dtype = DTYPE_CODES.get(h.dtype)
+    if dtype is None:
+        _fail("h", f"dtype {_DTYPE_NAMES}", h.dtype)
+    _check_tensor("h", h, h.dim())
+    d = torch.empty_like(h)
+    _run("moe_gelu", h.device, h.data_ptr(), d.data_ptr(), h.numel(), dtype)
+    return d

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _ext
+from ..availability import extension_cuda_reasons, extension_reasons
 from .registry import Op
 
 moe_op = Op("moe", "expert-choice MoE layer: router top-k, dispatch, expert FFN, combine")
@@ -43,21 +45,196 @@ def moe_reference(x, gate_weight, w1, w2, capacity):
     return torch.einsum("bekt,bekd->btd", onehot, out)
 
 
+def _expert_rows(idx: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, E, k) token indices -> (E*B*k,) rows of x.view(B*T, d), expert-major."""
+    B = idx.shape[0]
+    offsets = torch.arange(B, device=idx.device).mul_(T).view(B, 1, 1)
+    return (idx + offsets).transpose(0, 1).reshape(-1)
+
+
+def _experts(xin, w1, w2):
+    """(E, M, d) -> (E, M, d): every expert's FFN on its own block, one batched GEMM per weight."""
+    return torch.bmm(F.gelu(torch.bmm(xin, w1)), w2)  # (E, M, hidden) in between
+
+
 @moe_op.register("torch", priority=10)
 def moe_torch(x, gate_weight, w1, w2, capacity):
-    """Index gather, one batched matmul per expert weight over all samples, scatter-add combine."""
+    """Row gather into per-expert blocks, batched expert GEMMs, weighted `index_add_` combine."""
     B, T, d = x.shape
     E = w1.shape[0]
     k = expert_capacity(T, E, capacity)
-    _, gates, idx = route(x, gate_weight, k)
-    flat = idx.reshape(B, E * k)  # (B, E*k)
-    rows = torch.arange(B, device=x.device).unsqueeze(1)
-    xin = x[rows, flat].view(B, E, k, d).transpose(0, 1).reshape(E, B * k, d)  # (E, B*k, d)
-    h = F.gelu(torch.bmm(xin, w1))  # (E, B*k, hidden)
-    out = torch.bmm(h, w2).view(E, B, k, d).transpose(0, 1)  # (B, E, k, d)
-    out = (out * gates.unsqueeze(-1)).reshape(B, E * k, d)
-    y = x.new_zeros(B, T, d)
-    return y.index_put_((rows.expand(B, E * k), flat), out, accumulate=True)
+    _, gates, idx = route(x, gate_weight, k)  # (B, E, k)
+    rows = _expert_rows(idx, T)  # (E*B*k,)
+    xin = x.reshape(B * T, d).index_select(0, rows).view(E, B * k, d)  # (E, B*k, d)
+    y = _experts(xin, w1, w2) * gates.transpose(0, 1).reshape(E, B * k, 1)  # (E, B*k, d)
+    # index_add_ adds in index order on the CPU (deterministic); CUDA uses atomics.
+    return x.new_zeros(B * T, d).index_add_(0, rows, y.view(E * B * k, d)).view(B, T, d)
+
+
+# ---------------------------------------------------------------- compiled kernels (microdit._C)
+# Dispatch and combine as custom ops (fake and autograd registered, so they trace under
+# torch.compile); the expert GEMMs between them stay torch's (MKL, cuBLAS). The inverse map
+# inv (B, T, E) lets every output row of the combine, and of the dispatch's backward, be
+# written by one thread in a fixed expert order: deterministic, no atomics.
+@torch.library.custom_op("microdit::moe_inverse", mutates_args=())
+def moe_inverse_ext(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, E, k) int64 -> (B, T, E) int32: the slot of token t in expert e, or -1."""
+    return _ext.moe_inverse(idx.contiguous(), num_tokens)
+
+
+@moe_inverse_ext.register_fake
+def _(idx, num_tokens):
+    return idx.new_empty(idx.shape[0], num_tokens, idx.shape[1], dtype=torch.int32)
+
+
+@torch.library.custom_op("microdit::moe_dispatch", mutates_args=())
+def moe_dispatch_ext(x: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """(B, T, d), idx (B, E, k) -> (E, B, k, d): every expert's chosen tokens, contiguous."""
+    return _ext.moe_gather(x.contiguous(), idx.contiguous())
+
+
+@moe_dispatch_ext.register_fake
+def _(x, idx, inv):
+    return x.new_empty(idx.shape[1], x.shape[0], idx.shape[2], x.shape[2])
+
+
+@torch.library.custom_op("microdit::moe_combine", mutates_args=())
+def moe_combine_ext(y: torch.Tensor, gates: torch.Tensor | None, idx: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """(E, B, k, d) -> (B, T, d): out[b, t] = sum of gates[b, e, j] * y[e, b, j] over the
+    (e, j) that chose t (gates None: ones), in expert order."""
+    g = None if gates is None else gates.to(y.dtype).contiguous()
+    return _ext.moe_combine(y.contiguous(), inv.contiguous(), g)
+
+
+@moe_combine_ext.register_fake
+def _(y, gates, idx, inv):
+    return y.new_empty(y.shape[1], inv.shape[1], y.shape[3])
+
+
+@torch.library.custom_op("microdit::moe_combine_backward", mutates_args=())
+def moe_combine_backward_ext(grad: torch.Tensor, y: torch.Tensor, gates: torch.Tensor,
+                             idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the gathered gradient rows g = grad[b, idx[b, e, j]]: (gates * g, <g, y>)."""
+    return _ext.moe_gather_dot(grad.contiguous(), y.contiguous(), idx.contiguous(),
+                               gates.to(y.dtype).contiguous())
+
+
+@moe_combine_backward_ext.register_fake
+def _(grad, y, gates, idx):
+    return torch.empty_like(y), gates.new_empty(gates.shape, dtype=y.dtype)
+
+
+def _dispatch_setup(ctx, inputs, output):
+    _, idx, inv = inputs
+    ctx.save_for_backward(idx, inv)
+
+
+def _dispatch_backward(ctx, grad):
+    idx, inv = ctx.saved_tensors
+    return moe_combine_ext(grad, None, idx, inv), None, None
+
+
+def _combine_setup(ctx, inputs, output):
+    y, gates, idx, inv = inputs
+    ctx.save_for_backward(y, gates, idx, inv)
+    ctx.gates_dtype = None if gates is None else gates.dtype
+
+
+def _combine_backward(ctx, grad):
+    y, gates, idx, inv = ctx.saved_tensors
+    if gates is None:
+        return moe_dispatch_ext(grad, idx, inv), None, None, None
+    dy, dgates = moe_combine_backward_ext(grad, y, gates, idx)
+    return dy, dgates.to(ctx.gates_dtype), None, None
+
+
+moe_dispatch_ext.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+moe_combine_ext.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+@torch.library.custom_op("microdit::moe_gelu_", mutates_args=("h",))
+def moe_gelu_ext_(h: torch.Tensor) -> torch.Tensor:
+    """In place h = gelu(h) (exact, erf); returns gelu'(h) of the input for the backward."""
+    if not h.is_contiguous():
+        raise ValueError("moe_gelu_: h must be contiguous (it is updated in place)")
+    return _ext.moe_gelu_(h)
+
+
+@moe_gelu_ext_.register_fake
+def _(h):
+    return torch.empty_like(h)
+
+
+class _MoEExt(torch.autograd.Function):
+    """The whole layer with a hand-written backward (the compiled kernels between torch GEMMs).
+
+    What it saves over autograd through the same kernels: the GELU is applied in place with its
+    derivative stored instead of the pre-activation (the backward multiplies, never re-evaluates
+    erf), the activation's buffer is reused for its own gradient, and the router's backward is
+    a sparse scatter plus two small GEMMs. Reusing the saved activation means a second backward
+    through the same graph fails (autograd's version check) instead of computing garbage.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate_weight, w1, w2, k):
+        B, T, d = x.shape
+        E = w1.shape[0]
+        probs = F.linear(x, gate_weight).softmax(dim=-1)  # (B, T, E)
+        gates, idx = torch.topk(probs.transpose(1, 2), k, dim=-1)  # (B, E, k)
+        inv = moe_inverse_ext(idx, T)  # (B, T, E)
+        xin = moe_dispatch_ext(x, idx, inv).view(E, B * k, d)  # (E, B*k, d)
+        act = torch.bmm(xin, w1)  # (E, B*k, hidden), pre-activation
+        dgelu = moe_gelu_ext_(act)  # act is now gelu(pre-activation); dgelu its derivative
+        y = torch.bmm(act, w2).view(E, B, k, d)  # (E, B, k, d)
+        ctx.save_for_backward(x, gate_weight, w1, w2, probs, gates, idx, inv, xin, act, dgelu, y)
+        return moe_combine_ext(y, gates, idx, inv)  # (B, T, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate_weight, w1, w2, probs, gates, idx, inv, xin, act, dgelu, y = ctx.saved_tensors
+        B, T, d = x.shape
+        E, _, k, _ = y.shape
+        need_x, need_gate, need_w1, need_w2, _ = ctx.needs_input_grad
+        dy, dgates = moe_combine_backward_ext(grad.contiguous(), y, gates, idx)  # (E, B, k, d), (B, E, k)
+        dy = dy.view(E, B * k, d)
+        dw2 = torch.bmm(act.transpose(1, 2), dy) if need_w2 else None  # (E, hidden, d)
+        dh = torch.bmm(dy, w2.transpose(1, 2), out=act).mul_(dgelu)  # (E, B*k, hidden), in act's buffer
+        dw1 = torch.bmm(xin.transpose(1, 2), dh) if need_w1 else None  # (E, d, hidden)
+        dx = dgate = None
+        if need_x or need_gate:
+            # Router: d probs is nonzero only where an expert chose the token.
+            dprobs = torch.zeros(B, E, T, dtype=probs.dtype, device=probs.device)
+            dprobs = dprobs.scatter_(2, idx, dgates).transpose(1, 2)  # (B, T, E)
+            dlogits = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype).reshape(B * T, E)
+            if need_gate:
+                dgate = dlogits.t().mm(x.reshape(B * T, d))  # (E, d)
+            if need_x:
+                dxin = torch.bmm(dh, w1.transpose(1, 2)).view(E, B, k, d)  # (E, B, k, d)
+                dx = moe_combine_ext(dxin, None, idx, inv)  # (B, T, d)
+                dx.view(B * T, d).addmm_(dlogits, gate_weight)
+        return dx, dgate, dw1, dw2, None
+
+
+def moe_ext(x, gate_weight, w1, w2, capacity):
+    """Compiled dispatch into per-expert blocks, batched expert GEMMs with the GELU applied in
+    place, deterministic combine; one autograd node for the layer."""
+    k = expert_capacity(x.shape[1], w1.shape[0], capacity)
+    return _MoEExt.apply(x, gate_weight, w1, w2, k)
+
+
+def _ext_supports(device_type):
+    def supports(x, gate_weight, w1, w2, capacity):
+        reasons = []
+        if x.device.type != device_type:
+            reasons.append(f"tensor on {x.device.type}, this backend runs on {device_type}")
+        if x.dtype not in _ext.DTYPE_CODES:
+            reasons.append(f"dtype {x.dtype} not supported (supported: fp32, fp16, bf16, fp64)")
+        return reasons
+    return supports
+
+
+moe_op.register("cuda", 30, extension_cuda_reasons, _ext_supports("cuda"))(moe_ext)
+moe_op.register("cpp", 20, extension_reasons, _ext_supports("cpu"))(moe_ext)
 
 
 def expert_choice_moe(x, gate_weight, w1, w2, capacity: float, backend=None) -> torch.Tensor:
