@@ -8,7 +8,6 @@ Needs `nvidia-dali-cuda130` (`microdit.availability.dali_reasons()` says why not
 """
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import torch
@@ -119,21 +118,9 @@ class DALILoader:
 
     def state_dict(self) -> dict:
         """The position and everything that fixes the batch sequence (the same as ShardLoader's)."""
-        p = self.plan
-        return {"epoch": self.epoch, "batch": self.batch, "seed": p.seed, "num_samples": p.num_samples,
-                "batch_size": p.batch_size, "world_size": p.world_size, "rank": p.rank,
-                "shuffle": p.shuffle, "drop_last": p.drop_last, "caption_dropout": p.caption_dropout,
-                "resolution": self.dataset.resolution}
+        return self.plan.state(self._position, self.dataset.resolution)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()` (of this loader or a ShardLoader with the same settings)."""
-        p = self.plan
-        fixed = {"num_samples": p.num_samples, "batch_size": p.batch_size, "world_size": p.world_size,
-                 "shuffle": p.shuffle, "drop_last": p.drop_last}
-        diff = [f"{k}: saved {state[k]!r}, now {v!r}" for k, v in fixed.items() if k in state and state[k] != v]
-        if diff:
-            raise ValueError("cannot resume this loader from a state with a different batch sequence: "
-                             + "; ".join(diff))
         self._pipe = None
-        self.plan = dataclasses.replace(p, seed=int(state.get("seed", p.seed)))
-        self._position = int(state["epoch"]) * len(self) + int(state["batch"])
+        self.plan, self._position = self.plan.resume(state)

@@ -104,6 +104,25 @@ class BatchPlan:
             return np.zeros(len(indices), dtype=bool)
         return sample_uniform(self.seed, epoch, indices) < self.caption_dropout
 
+    def state(self, position: int, resolution: int) -> dict:
+        """A loader's state_dict at `position` (batches consumed on this rank)."""
+        per = self.batches_per_epoch
+        return {"epoch": position // per, "batch": position % per, "seed": self.seed,
+                "num_samples": self.num_samples, "batch_size": self.batch_size, "world_size": self.world_size,
+                "rank": self.rank, "shuffle": self.shuffle, "drop_last": self.drop_last,
+                "caption_dropout": self.caption_dropout, "resolution": resolution}
+
+    def resume(self, state: dict) -> tuple["BatchPlan", int]:
+        """(plan, position) continuing a saved state; a different batch sequence is refused."""
+        fixed = {"num_samples": self.num_samples, "batch_size": self.batch_size, "world_size": self.world_size,
+                 "shuffle": self.shuffle, "drop_last": self.drop_last}
+        diff = [f"{k}: saved {state[k]!r}, now {v!r}" for k, v in fixed.items() if k in state and state[k] != v]
+        if diff:
+            raise ValueError("cannot resume this loader from a state with a different batch sequence: "
+                             + "; ".join(diff))
+        plan = dataclasses.replace(self, seed=int(state.get("seed", self.seed)))
+        return plan, int(state["epoch"]) * plan.batches_per_epoch + int(state["batch"])
+
     def positions(self, start: int, step: int = 1):
         """(epoch, batch, indices) for global batch positions start, start + step, ... forever."""
         cached_epoch, cached = None, None
@@ -207,21 +226,9 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         """The position and everything that fixes the batch sequence."""
-        p = self.plan
-        return {"epoch": self.epoch, "batch": self.batch, "seed": p.seed, "num_samples": p.num_samples,
-                "batch_size": p.batch_size, "world_size": p.world_size, "rank": p.rank,
-                "shuffle": p.shuffle, "drop_last": p.drop_last, "caption_dropout": p.caption_dropout,
-                "resolution": self.dataset.resolution}
+        return self.plan.state(self._position, self.dataset.resolution)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()`: the next batch is the one the saved loader would have given next."""
-        p = self.plan
-        fixed = {"num_samples": p.num_samples, "batch_size": p.batch_size, "world_size": p.world_size,
-                 "shuffle": p.shuffle, "drop_last": p.drop_last}
-        diff = [f"{k}: saved {state[k]!r}, now {v!r}" for k, v in fixed.items() if k in state and state[k] != v]
-        if diff:
-            raise ValueError("cannot resume this loader from a state with a different batch sequence: "
-                             + "; ".join(diff))
         self.close()
-        self.plan = dataclasses.replace(p, seed=int(state.get("seed", p.seed)))
-        self._position = int(state["epoch"]) * len(self) + int(state["batch"])
+        self.plan, self._position = self.plan.resume(state)
