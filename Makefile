@@ -1,4 +1,4 @@
-# The two commands of the README. Both work on a fresh machine with only Python 3.10+:
+# The two commands of the README. Both work on a fresh machine with only Python 3.11+:
 # they make a virtual environment in .venv, install microdit into it, and run.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 # torch is installed only when the environment has none (the venv sees system packages).
 # Set TORCH_SPEC to the build you want, e.g. TORCH_SPEC='torch==2.13.0' (our CPU machines).
 TORCH_SPEC ?= torch==2.13.0
+# The requirements of one optional extra, read from pyproject.toml (installing them directly
+# does not rebuild the extension the way `pip install -e .[extra]` would).
+EXTRA := $(PY) -c "import sys, tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies'][sys.argv[1]]))"
 SOURCES := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: install demo test test-fast clean
@@ -16,8 +19,8 @@ $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -e ".[test,hf,logs]"
-	$(PY) -m pip install -e ".[triton]" || echo "NOTE: triton not installable here; Triton backends and tests are skipped"
-	$(PY) -m pip install -e ".[dali]" || echo "NOTE: DALI not installable here; DALI loader tests are skipped"
+	$(PY) -m pip install $$($(EXTRA) triton) || echo "NOTE: triton not installable here; Triton backends and tests are skipped"
+	$(PY) -m pip install $$($(EXTRA) dali) || echo "NOTE: DALI not installable here; DALI loader tests are skipped"
 	touch $@
 
 install: $(VENV)/.installed
