@@ -96,15 +96,30 @@ def infer_config(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> Mi
     grid = math.isqrt(T)
     if grid * grid != T:
         raise CheckpointError(f"{name}: pos_embed has {T} positions, not a square grid")
+    near = []
     for preset, kw in PRESETS.items():
-        if (kw["dim"], kw["depth"], kw["patch_mixer_depth"], kw["patch_mixer_dim"]) == (D, depth, mixer_depth, mixer_dim):
-            cfg = preset_config(preset, in_channels=C, patch_size=p, input_size=grid * p, caption_channels=Cy)
-            break
-    else:
-        raise CheckpointError(
-            f"{name}: tensors match no preset (dim {D}, depth {depth}, mixer {mixer_depth}x{mixer_dim}); "
-            f"pass config= with the published constructor's arguments")
-    return cfg.replace(pos_interp_scale=_guess_interp_scale(sd["pos_embed"], cfg))
+        if (kw["dim"], kw["depth"], kw["patch_mixer_depth"], kw["patch_mixer_dim"]) != (D, depth, mixer_depth, mixer_dim):
+            continue
+        cfg = preset_config(preset, in_channels=C, patch_size=p, input_size=grid * p, caption_channels=Cy)
+        problem = _first_mismatch(sd, cfg)
+        if problem is None:
+            return cfg.replace(pos_interp_scale=_guess_interp_scale(sd["pos_embed"], cfg))
+        near.append(f"{preset}: {problem}")
+    raise CheckpointError(
+        f"{name}: tensors match no preset (dim {D}, depth {depth}, mixer {mixer_depth}x{mixer_dim}"
+        + (f"; closest {near[0]}" if near else "") + "); pass config= with the published constructor's arguments")
+
+
+def _first_mismatch(sd: Mapping[str, torch.Tensor], cfg: MicroDiTConfig) -> str | None:
+    """The first tensor a model of `cfg` lacks or shapes differently, or None when all fit."""
+    with torch.device("meta"):
+        expected = MicroDiT(cfg).state_dict()
+    for key, ref in expected.items():
+        if key not in sd:
+            return f"missing tensor {key!r}"
+        if tuple(sd[key].shape) != tuple(ref.shape):
+            return f"tensor {key!r} has shape {tuple(sd[key].shape)}, expected {tuple(ref.shape)}"
+    return None
 
 
 def _guess_interp_scale(table: torch.Tensor, cfg: MicroDiTConfig) -> float:
