@@ -158,3 +158,13 @@ def triton_available_reasons() -> list[str]:
     if major < 3:
         return [f"triton {mod.__version__} is too old (microdit's kernels need triton >= 3.0)"]
     return []
+
+
+def triton_device_reasons(device_type: str) -> list[str]:
+    """Why Triton kernels cannot take tensors on `device_type`, given that triton itself is
+    usable (`triton_available_reasons` is empty). Imports nothing, so it traces under torch.compile."""
+    if device_type == "cpu":
+        return [] if triton_interpret() else ["Triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter, float32)"]
+    if device_type != "cuda":
+        return [f"Triton kernels run on CUDA devices (or the CPU interpreter), not {device_type}"]
+    return []

@@ -297,3 +297,165 @@ def test_cuda_matches_reference(dtype, monkeypatch):
         with pytest.raises(ValueError, match="outside"):
             _ext.scatter_tokens(gathered, idx, 123, fill)
     stream.synchronize()
+
+
+# ------------------------------------------------------------------ MoE dispatch / combine kernels
+MOE_SHAPES = [(2, 16, 4, 8, 16), (3, 123, 5, 36, 77), (1, 7, 3, 7, 1), (2, 9, 2, 0, 4)]  # (B, T, E, K, D)
+
+
+def moe_inputs(B, T, E, K, D, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.stack([torch.randperm(T, generator=g)[:K] for _ in range(E)]) for _ in range(B)])
+    idx = idx.reshape(B, E, K)
+    tokens = torch.randn(B, T, D, generator=g).to(dtype)
+    blocks = torch.randn(E, B, K, D, generator=g).to(dtype)
+    weight = torch.rand(B, E, K, generator=g).to(dtype)
+    return idx.to(device), tokens.to(device), blocks.to(device), weight.to(device)
+
+
+def moe_gather_ref(tokens, idx, weight=None):
+    B = tokens.shape[0]
+    rows = tokens[torch.arange(B, device=tokens.device)[:, None, None], idx]  # (B, E, K, D)
+    if weight is not None:  # in the kernels' accumulation type, rounded once
+        acc = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+        rows = (rows.to(acc) * weight.to(acc)[..., None]).to(tokens.dtype)
+    return rows.transpose(0, 1).contiguous()
+
+
+def moe_combine_ref(blocks, idx, weight, T):
+    E, B, K, D = blocks.shape
+    out = torch.zeros(B, T, D, dtype=torch.float64, device=blocks.device)
+    w = torch.ones(B, E, K, dtype=torch.float64, device=blocks.device) if weight is None else weight.double()
+    for e in range(E):  # expert order, as the kernels add
+        out[torch.arange(B)[:, None], idx[:, e]] += w[:, e, :, None] * blocks[e].double()
+    return out
+
+
+@pytest.mark.parametrize("shape", MOE_SHAPES, ids=lambda s: "B{}_T{}_E{}_K{}_D{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_moe_kernels_cpu(shape, dtype):
+    B, T, E, K, D = shape
+    idx, tokens, blocks, weight = moe_inputs(B, T, E, K, D, dtype)
+    inv = _ext.moe_inverse(idx, T)
+    expected = torch.full((B, T, E), -1, dtype=torch.int32)
+    b, e, j = torch.meshgrid(torch.arange(B), torch.arange(E), torch.arange(K), indexing="ij")
+    expected[b, idx, e] = j.int()
+    assert torch.equal(inv, expected)
+    assert_bitwise_equal(_ext.moe_gather(tokens, idx), moe_gather_ref(tokens, idx))
+    assert_bitwise_equal(_ext.moe_gather(tokens, idx, weight), moe_gather_ref(tokens, idx, weight))
+    # Sums of up to E products, accumulated in float (double for float64), rounded once.
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    for w in (weight, None):
+        out = _ext.moe_combine(blocks, inv, w)
+        torch.testing.assert_close(out.double(), moe_combine_ref(blocks, idx, w, T), rtol=tol, atol=tol)
+    grad = tokens
+    dblocks, dweight = _ext.moe_gather_dot(grad, blocks, idx, weight)
+    assert_bitwise_equal(dblocks, moe_gather_ref(grad, idx, weight))
+    dot = (moe_gather_ref(grad, idx).double() * blocks.double()).sum(-1).transpose(0, 1)
+    torch.testing.assert_close(dweight.double(), dot, rtol=tol, atol=tol * max(D, 1) ** 0.5)
+    only_dot = _ext.moe_gather_dot(grad, blocks, idx, weight, need_dblocks=False)
+    assert only_dot[0] is None and torch.equal(only_dot[1], dweight)
+
+
+def test_moe_combine_is_deterministic_and_thread_independent():
+    idx, _, blocks, weight = moe_inputs(2, 300, 8, 75, 64, torch.float32)
+    inv = _ext.moe_inverse(idx, 300)
+    first = _ext.moe_combine(blocks, inv, weight)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(_ext.moe_combine(blocks, inv, weight), first)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(_ext.moe_combine(blocks, inv, weight), first)
+
+
+def test_moe_kernel_errors():
+    idx, tokens, blocks, weight = moe_inputs(2, 10, 3, 4, 5, torch.float32)
+    bad = idx.clone()
+    bad[1, 2, 3] = 10
+    with pytest.raises(ValueError, match=r"idx\[1, 2, 3\] = 10 is out of range for T = 10"):
+        _ext.moe_gather(tokens, bad)
+    with pytest.raises(ValueError, match=r"idx\[1, 2, 3\] = 10 is out of range"):
+        _ext.moe_inverse(bad, 10)
+    bad = idx.clone()
+    bad[0, 1, 2] = bad[0, 1, 0]
+    with pytest.raises(ValueError, match=r"expert 1 of sample 0 chooses token \d+ twice \(slots 0 and 2\)"):
+        _ext.moe_inverse(bad, 10)
+    inv = _ext.moe_inverse(idx, 10)
+    cases = [
+        (lambda: _ext.moe_gather(tokens, idx.int()), r"idx: expected dtype torch.int64"),
+        (lambda: _ext.moe_gather(tokens, idx[:1]), r"idx: expected shape \(B=2, E, K\)"),
+        (lambda: _ext.moe_gather(tokens, idx, weight.double()), r"weight: expected shape \(2, 3, 4\) and dtype torch.float32"),
+        (lambda: _ext.moe_combine(blocks, inv.long()), r"inv: expected an int32 tensor of shape \(B=2, T, E=3\)"),
+        (lambda: _ext.moe_combine(blocks, inv[:, :3].contiguous()), r"blocks: expected at most T = 3 slots per expert"),
+        (lambda: _ext.moe_gather_dot(tokens, blocks[:, :1].contiguous(), idx, weight), r"blocks: expected shape \(3, 2, 4, 5\)"),
+        (lambda: _ext.moe_inverse(idx, 3), r"T: expected an int >= K = 4"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    corrupt = inv.clone()
+    corrupt[0, 0, 0] = 4
+    with pytest.raises(ValueError, match=r"inv\[0, 0, 0\] = 4 is not a slot in \[0, K = 4\) or -1"):
+        _ext.moe_combine(blocks, corrupt)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_moe_gelu_cpu_matches_torch(dtype):
+    """The in-place GELU and its derivative: within a few float32 ulps of torch's (exact erf)."""
+    x = torch.cat([torch.linspace(-12, 12, 200_001), torch.tensor([0.0, -0.0, 30.0, -30.0, 1e-30, -1e-30])])
+    h = x.to(dtype)
+    pre = h.double().requires_grad_()
+    ref = torch.nn.functional.gelu(pre)
+    (slope_ref,) = torch.autograd.grad(ref.sum(), pre)
+    act = h.clone()
+    slope = _ext.moe_gelu_(act)
+    tol = {torch.float64: 1e-12, torch.float32: 6e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(act.double(), ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(slope.double(), slope_ref, rtol=tol, atol=tol)
+    # Relative accuracy where gelu is not tiny: no worse than torch's own float32 GELU.
+    if dtype == torch.float32:
+        own = torch.nn.functional.gelu(h).double()
+        big = ref.abs() > 1e-3
+        ours_rel = ((act.double() - ref) / ref)[big].abs().max()
+        torch_rel = ((own - ref) / ref)[big].abs().max()
+        assert ours_rel <= 2 * torch_rel + 1e-7
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_moe_kernels_cuda(dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible to torch")
+    if not ext_cuda_built():
+        pytest.skip("microdit._C was built without CUDA (nvcc not found at build time, or MICRODIT_CUDA=0)")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for shape in MOE_SHAPES + [(4, 1024, 8, 256, 1024), (2, 33, 3, 11, 1)]:
+            B, T, E, K, D = shape
+            idx, tokens, blocks, weight = moe_inputs(B, T, E, K, D, dtype, device="cuda")
+            cpu = [t.cpu() for t in (idx, tokens, blocks, weight)]
+            inv = _ext.moe_inverse(idx, T)
+            assert torch.equal(inv.cpu(), _ext.moe_inverse(cpu[0], T))
+            for w in (None, weight):
+                assert_bitwise_equal(_ext.moe_gather(tokens, idx, w).cpu(),
+                                     _ext.moe_gather(cpu[1], cpu[0], None if w is None else cpu[3]))
+                out = _ext.moe_combine(blocks, inv, w)
+                # Same order and accumulation type as the CPU kernel: equal up to FMA contraction.
+                torch.testing.assert_close(out.cpu(), _ext.moe_combine(cpu[2], inv.cpu(), None if w is None else cpu[3]),
+                                           rtol=1e-6, atol=1e-6 if dtype != torch.bfloat16 else 1e-2)
+                assert torch.equal(_ext.moe_combine(blocks, inv, w), out)  # deterministic
+            dblocks, dweight = _ext.moe_gather_dot(tokens, blocks, idx, weight)
+            ref_db, ref_dw = _ext.moe_gather_dot(cpu[1], cpu[2], cpu[0], cpu[3])
+            assert_bitwise_equal(dblocks.cpu(), ref_db)
+            torch.testing.assert_close(dweight.cpu().double(), ref_dw.double(), rtol=1e-4, atol=1e-4 * D ** 0.5)
+        h = torch.randn(1000, 77, device="cuda").to(dtype)
+        act = h.clone()
+        slope = _ext.moe_gelu_(act)
+        act_cpu = h.cpu().clone()
+        slope_cpu = _ext.moe_gelu_(act_cpu)
+        tol = 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2
+        torch.testing.assert_close(act.cpu(), act_cpu, rtol=tol, atol=tol)
+        torch.testing.assert_close(slope.cpu(), slope_cpu, rtol=tol, atol=tol)
+    stream.synchronize()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from ..availability import extension_cuda_reasons, extension_reasons, triton_available_reasons, triton_reasons
+from ..availability import extension_cuda_reasons, extension_reasons, triton_available_reasons, triton_device_reasons
 from .registry import Op
 
 moe_op = Op("moe", "expert-choice MoE layer: router top-k, dispatch, expert FFN, combine")
@@ -311,7 +311,7 @@ def _triton_supports(x, gate_weight, w1, w2, capacity):
         reasons.append(f"dtype {x.dtype} on the CPU (the Triton interpreter runs float32 only)")
     elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         reasons.append(f"dtype {x.dtype} not supported (supported: fp32, fp16, bf16)")
-    reasons += triton_reasons(x.device.type)
+    reasons += triton_device_reasons(x.device.type)
     return reasons
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..availability import extension_cuda_reasons, extension_reasons, triton_available_reasons, triton_reasons
+from ..availability import extension_cuda_reasons, extension_reasons, triton_available_reasons, triton_device_reasons
 from .registry import Op
 
 keep_indices_op = Op("keep_indices", "per-sample random subset of kept token indices, in random order")
@@ -391,11 +391,11 @@ def _triton_token_supports(x, *args, **kwargs):
         reasons.append(f"dtype {x.dtype} on the CPU (the Triton interpreter runs float32 only)")
     elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         reasons.append(f"dtype {x.dtype} not supported (supported: fp32, fp16, bf16, fp64)")
-    return reasons + triton_reasons(x.device.type)
+    return reasons + triton_device_reasons(x.device.type)
 
 
 def _triton_keep_supports(batch, num_tokens, mask_ratio, device=None, generator=None):
-    return triton_reasons(torch.device(device or "cpu").type)
+    return triton_device_reasons(torch.device(device or "cpu").type)
 
 
 @keep_indices_op.register("triton", 25, triton_available_reasons, _triton_keep_supports)

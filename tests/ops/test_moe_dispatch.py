@@ -83,3 +83,68 @@ def test_capacity_and_unchosen_tokens_get_zero():
     unchosen = torch.ones(16, dtype=torch.bool)
     unchosen[chosen] = False
     assert unchosen.any() and torch.count_nonzero(out[0, unchosen]) == 0
+
+
+EXT = [b for b in ("cpp", "cuda") if b in FAST]
+EXT_DEVICE = "cuda" if "cuda" in EXT else "cpu"
+
+
+@pytest.mark.skipif(not EXT, reason="compiled extension not available here")
+def test_custom_ops_opcheck():
+    B, T, E, k, d = 2, 23, 3, 7, 13
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.stack([torch.randperm(T, generator=g)[:k] for _ in range(E)]) for _ in range(B)]).to(EXT_DEVICE)
+    mk = lambda *s: torch.randn(*s, generator=g).to(EXT_DEVICE).requires_grad_()
+    x, y, gates = mk(B, T, d), mk(E, B, k, d), mk(B, E, k)
+    inv = moe.moe_inverse_ext(idx, T)
+    torch.library.opcheck(moe.moe_inverse_ext, (idx, T))
+    torch.library.opcheck(moe.moe_dispatch_ext, (x, idx, inv))
+    torch.library.opcheck(moe.moe_combine_ext, (y, gates, idx, inv))
+    torch.library.opcheck(moe.moe_combine_ext, (y, None, idx, inv))
+    torch.library.opcheck(moe.moe_combine_backward_ext, (x.detach(), y.detach(), gates.detach(), idx))
+    torch.library.opcheck(moe.moe_gelu_ext_, (torch.randn(3, 5, 7, generator=g).to(EXT_DEVICE),))
+
+
+@pytest.mark.skipif(not EXT, reason="compiled extension not available here")
+def test_ext_backend_under_torch_compile():
+    args = [a.detach().float().to(EXT_DEVICE).requires_grad_() for a in inputs(2, 16, 32, 64, 4)]
+    f = lambda *a: moe.expert_choice_moe(*a, 2.0, backend=EXT[-1])
+    out = f(*args)
+    go = torch.randn_like(out)
+    expected = torch.autograd.grad(out, args, go)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out_c = compiled(*args)
+    torch.testing.assert_close(out_c, out)
+    for a, b in zip(torch.autograd.grad(out_c, args, go), expected):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not EXT, reason="compiled extension not available here")
+def test_ext_backend_refuses_a_second_backward_through_one_graph():
+    """Its backward reuses the saved activation's buffer: retain_graph must fail loudly."""
+    args = [a.detach().float().to(EXT_DEVICE).requires_grad_() for a in inputs(2, 16, 32, 64, 4)]
+    out = moe.expert_choice_moe(*args, 2.0, backend=EXT[-1])
+    torch.autograd.grad(out.sum(), args, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out.sum(), args)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_deterministic(backend):
+    args = [a.detach().float().requires_grad_() for a in inputs(3, 123, 77, 96, 5)]
+    runs = []
+    for _ in range(2):
+        out = moe.expert_choice_moe(*args, 1.5, backend=backend)
+        runs.append((out, *torch.autograd.grad(out, args, torch.ones_like(out))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_only_needed_gradients(backend):
+    x, gate, w1, w2 = inputs(2, 16, 32, 64, 4)
+    x.requires_grad_(False)
+    out = moe.expert_choice_moe(x, gate, w1, w2, 2.0, backend=backend)
+    ref = moe.expert_choice_moe(x, gate, w1, w2, 2.0, backend="reference")
+    for g, r in zip(torch.autograd.grad(out.sum(), (gate, w1)), torch.autograd.grad(ref.sum(), (gate, w1))):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
