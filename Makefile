@@ -18,7 +18,11 @@ SOURCES := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/d
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[test,hf,logs]"
+	$(PY) -m pip install -e ".[hf,logs]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install $$($(EXTRA) test)
 	$(PY) -m pip install $$($(EXTRA) triton) || echo "NOTE: triton not installable here; Triton backends and tests are skipped"
 	$(PY) -m pip install $$($(EXTRA) dali) || echo "NOTE: DALI not installable here; DALI loader tests are skipped"
 	touch $@
@@ -28,10 +32,10 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m microdit.cli demo --out runs/demo
 
-test: install
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow"
 
 clean:
