@@ -68,7 +68,7 @@ def moe_torch(x, gate_weight, w1, w2, capacity):
     xin = x.reshape(B * T, d).index_select(0, rows).view(E, B * k, d)  # (E, B*k, d)
     y = _experts(xin, w1, w2) * gates.transpose(0, 1).reshape(E, B * k, 1)  # (E, B*k, d)
     # index_add_ adds in index order on the CPU (deterministic); CUDA uses atomics.
-    return x.new_zeros(B * T, d).index_add_(0, rows, y.view(E * B * k, d)).view(B, T, d)
+    return y.new_zeros(B * T, d).index_add_(0, rows, y.view(E * B * k, d)).view(B, T, d)
 
 
 # ---------------------------------------------------------------- compiled kernels (microdit._C)
@@ -215,11 +215,21 @@ class _MoEExt(torch.autograd.Function):
         return dx, dgate, dw1, dw2, None
 
 
+def _common_dtype(x, gate_weight, w1, w2):
+    """The inputs in one dtype: autocast's where it is on (as the reference's matmuls would run),
+    else x's. Kernels below run with autocast off; autograd casts the gradients back."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return tuple(t.to(dtype) for t in (x, gate_weight, w1, w2))
+
+
 def moe_ext(x, gate_weight, w1, w2, capacity):
     """Compiled dispatch into per-expert blocks, batched expert GEMMs with the GELU applied in
     place, deterministic combine; one autograd node for the layer."""
     k = expert_capacity(x.shape[1], w1.shape[0], capacity)
-    return _MoEExt.apply(x, gate_weight, w1, w2, k)
+    args = _common_dtype(x, gate_weight, w1, w2)
+    with torch.autocast(x.device.type, enabled=False):
+        return _MoEExt.apply(*args, k)
 
 
 def _ext_supports(device_type):
@@ -302,13 +312,17 @@ moe_triton_fwd.register_autograd(_moe_triton_backward, setup_context=_moe_triton
 def moe_triton(x, gate_weight, w1, w2, capacity):
     """Triton kernels throughout: router, fused dispatch-GEMM-GELU, GEMM, deterministic combine."""
     k = expert_capacity(x.shape[1], w1.shape[0], capacity)
-    return moe_triton_fwd(x, gate_weight, w1, w2, k)[0]
+    args = _common_dtype(x, gate_weight, w1, w2)
+    with torch.autocast(x.device.type, enabled=False):
+        return moe_triton_fwd(*args, k)[0]
 
 
 def _triton_supports(x, gate_weight, w1, w2, capacity):
     reasons = []
     if x.device.type == "cpu" and x.dtype != torch.float32:
         reasons.append(f"dtype {x.dtype} on the CPU (the Triton interpreter runs float32 only)")
+    elif x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        reasons.append("autocast on the CPU (the Triton interpreter runs float32 only)")
     elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         reasons.append(f"dtype {x.dtype} not supported (supported: fp32, fp16, bf16)")
     reasons += triton_device_reasons(x.device.type)

@@ -10,10 +10,21 @@ FAST = [b for b in available_backends(moe.moe_op) if b != "reference"]
 SHAPES = [(2, 16, 32, 64, 4, 2.0), (3, 123, 77, 96, 5, 1.5), (2, 64, 48, 128, 8, 2.0)]
 
 
-def inputs(B, T, d, h, E, dtype=torch.float64, seed=0):
+def inputs(B, T, d, h, E, dtype=torch.float64, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(device, dtype).requires_grad_()
     return mk(B, T, d), mk(E, d, scale=0.5), mk(E, d, h, scale=d**-0.5), mk(E, h, d, scale=h**-0.5)
+
+
+def device_of(backend: str) -> str:
+    """Where a backend's inputs live: the GPU for cuda, and for triton outside the interpreter."""
+    return "cuda" if backend == "cuda" or backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def skip_unsupported(backend, *args):
+    reasons = moe.moe_op.impls[backend].supports(*args)
+    if reasons:
+        pytest.skip(f"backend {backend}: " + "; ".join(reasons))
 
 
 def dense_moe(x, gate, w1, w2, capacity):
@@ -42,7 +53,8 @@ def test_reference_matches_definition(shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_backend_matches_reference_fp64(backend, shape):
     *dims, cap = shape
-    args = inputs(*dims)
+    args = inputs(*dims, device=device_of(backend))
+    skip_unsupported(backend, *args, cap)
     out = moe.expert_choice_moe(*args, cap, backend=backend)
     ref = moe.expert_choice_moe(*args, cap, backend="reference")
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
@@ -58,8 +70,9 @@ def test_backend_matches_reference_fp64(backend, shape):
 def test_backend_low_precision_error_bounded_by_reference(backend, dtype):
     """|out - ref64| <= 2 |ref_lowp - ref64| + floor, for outputs and gradients."""
     B, T, d, h, E, cap = 2, 64, 48, 128, 8, 2.0
-    args64 = inputs(B, T, d, h, E)
+    args64 = inputs(B, T, d, h, E, device=device_of(backend))
     argsl = [a.detach().to(dtype).requires_grad_() for a in args64]
+    skip_unsupported(backend, *argsl, cap)
     ref64 = moe.expert_choice_moe(*args64, cap, backend="reference")
     refl = moe.expert_choice_moe(*argsl, cap, backend="reference")
     out = moe.expert_choice_moe(*argsl, cap, backend=backend)
@@ -107,7 +120,7 @@ def test_custom_ops_opcheck():
 
 @pytest.mark.skipif(not EXT, reason="compiled extension not available here")
 def test_ext_backend_under_torch_compile():
-    args = [a.detach().float().to(EXT_DEVICE).requires_grad_() for a in inputs(2, 16, 32, 64, 4)]
+    args = [a.detach().float().requires_grad_() for a in inputs(2, 16, 32, 64, 4, device=EXT_DEVICE)]
     f = lambda *a: moe.expert_choice_moe(*a, 2.0, backend=EXT[-1])
     out = f(*args)
     go = torch.randn_like(out)
@@ -122,7 +135,7 @@ def test_ext_backend_under_torch_compile():
 @pytest.mark.skipif(not EXT, reason="compiled extension not available here")
 def test_ext_backend_refuses_a_second_backward_through_one_graph():
     """Its backward reuses the saved activation's buffer: retain_graph must fail loudly."""
-    args = [a.detach().float().to(EXT_DEVICE).requires_grad_() for a in inputs(2, 16, 32, 64, 4)]
+    args = [a.detach().float().requires_grad_() for a in inputs(2, 16, 32, 64, 4, device=EXT_DEVICE)]
     out = moe.expert_choice_moe(*args, 2.0, backend=EXT[-1])
     torch.autograd.grad(out.sum(), args, retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -131,7 +144,7 @@ def test_ext_backend_refuses_a_second_backward_through_one_graph():
 
 @pytest.mark.parametrize("backend", FAST)
 def test_deterministic(backend):
-    args = [a.detach().float().requires_grad_() for a in inputs(3, 123, 77, 96, 5)]
+    args = [a.detach().float().requires_grad_() for a in inputs(3, 123, 77, 96, 5, device=device_of(backend))]
     runs = []
     for _ in range(2):
         out = moe.expert_choice_moe(*args, 1.5, backend=backend)
@@ -142,9 +155,25 @@ def test_deterministic(backend):
 
 @pytest.mark.parametrize("backend", FAST)
 def test_only_needed_gradients(backend):
-    x, gate, w1, w2 = inputs(2, 16, 32, 64, 4)
+    x, gate, w1, w2 = inputs(2, 16, 32, 64, 4, device=device_of(backend))
+    skip_unsupported(backend, x, gate, w1, w2, 2.0)
     x.requires_grad_(False)
     out = moe.expert_choice_moe(x, gate, w1, w2, 2.0, backend=backend)
     ref = moe.expert_choice_moe(x, gate, w1, w2, 2.0, backend="reference")
     for g, r in zip(torch.autograd.grad(out.sum(), (gate, w1)), torch.autograd.grad(ref.sum(), (gate, w1))):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_autocast_and_mixed_dtypes(backend):
+    """Under autocast the layer runs in autocast's dtype, as the reference's matmuls do; the
+    gradients come back in each input's dtype."""
+    dev = device_of(backend)
+    args = [a.detach().float().requires_grad_() for a in inputs(2, 16, 32, 64, 4, device=dev)]
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        out = moe.expert_choice_moe(*args, 2.0, backend=backend)
+        ref = moe.expert_choice_moe(*args, 2.0, backend="reference")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
+    grads = torch.autograd.grad(out.float().sum(), args)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -10,9 +10,20 @@ UNMASK = available_backends(tm.unmask_tokens_op)
 SHAPES = [(2, 16, 4, 8), (3, 123, 31, 77), (5, 256, 64, 96)]
 
 
-def ids(B, T, K, seed=0):
+def ids(B, T, K, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(T, generator=g)[:K] for _ in range(B)])
+    return torch.stack([torch.randperm(T, generator=g)[:K] for _ in range(B)]).to(device)
+
+
+def device_of(backend: str) -> str:
+    """Where a backend's inputs live: the GPU for cuda, and for triton outside the interpreter."""
+    return "cuda" if backend == "cuda" or backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def skip_unsupported(op, backend, *args):
+    reasons = op.impls[backend].supports(*args)
+    if reasons:
+        pytest.skip(f"backend {backend}: " + "; ".join(reasons))
 
 
 @pytest.mark.parametrize("backend", MASK)
@@ -21,8 +32,10 @@ def ids(B, T, K, seed=0):
 def test_mask_tokens_exact(backend, shape, dtype):
     B, T, K, D = shape
     torch.manual_seed(0)
-    x = torch.randn(B, T, D, dtype=dtype, requires_grad=True)
-    keep = ids(B, T, K)
+    dev = device_of(backend)
+    x = torch.randn(B, T, D, dtype=dtype, device=dev, requires_grad=True)
+    keep = ids(B, T, K, device=dev)
+    skip_unsupported(tm.mask_tokens_op, backend, x, keep)
     out = tm.mask_tokens(x, keep, backend=backend)
     ref = tm.mask_tokens(x, keep, backend="reference")
     assert torch.equal(out, ref)
@@ -38,9 +51,11 @@ def test_mask_tokens_exact(backend, shape, dtype):
 def test_unmask_tokens_exact(backend, shape, dtype):
     B, T, K, P = shape
     torch.manual_seed(1)
-    x = torch.randn(B, K, P, dtype=dtype, requires_grad=True)
-    mask_token = torch.randn(1, 1, P, dtype=dtype, requires_grad=True)
-    keep = ids(B, T, K, seed=1)
+    dev = device_of(backend)
+    x = torch.randn(B, K, P, dtype=dtype, device=dev, requires_grad=True)
+    mask_token = torch.randn(1, 1, P, dtype=dtype, device=dev, requires_grad=True)
+    keep = ids(B, T, K, seed=1, device=dev)
+    skip_unsupported(tm.unmask_tokens_op, backend, x, keep, T, mask_token)
     out = tm.unmask_tokens(x, keep, T, mask_token, backend=backend)
     ref = tm.unmask_tokens(x, keep, T, mask_token, backend="reference")
     assert torch.equal(out, ref)
@@ -59,13 +74,14 @@ def test_unmask_tokens_exact(backend, shape, dtype):
 
 @pytest.mark.parametrize("backend", available_backends(tm.keep_indices_op))
 def test_keep_indices_match_reference_and_are_uniform(backend):
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    a = tm.keep_indices(4, 64, 0.75, generator=g1, backend=backend)
-    b = tm.keep_indices(4, 64, 0.75, generator=g2, backend="reference")
+    dev = device_of(backend)
+    g1, g2 = torch.Generator(dev).manual_seed(3), torch.Generator(dev).manual_seed(3)
+    a = tm.keep_indices(4, 64, 0.75, device=dev, generator=g1, backend=backend)
+    b = tm.keep_indices(4, 64, 0.75, device=dev, generator=g2, backend="reference")
     assert a.shape == (4, 16) and torch.equal(a, b)
     # Each token is kept with probability K/T, and each slot holds any token equally often.
-    g = torch.Generator().manual_seed(0)
-    draws = tm.keep_indices(4000, 16, 0.75, generator=g, backend=backend)  # K = 4
+    g = torch.Generator(dev).manual_seed(0)
+    draws = tm.keep_indices(4000, 16, 0.75, device=dev, generator=g, backend=backend).cpu()  # K = 4
     freq = torch.bincount(draws.flatten(), minlength=16).float() / draws.numel()
     assert (freq - 1 / 16).abs().max() < 0.01
     first = torch.bincount(draws[:, 0], minlength=16).float() / 4000
@@ -137,9 +153,11 @@ def test_unmask_unpatchify_equals_the_composition(backend, grid, dtype):
     B, gh, gw, p, C, K = grid
     T = gh * gw
     torch.manual_seed(2)
-    x = torch.randn(B, K, p * p * C, dtype=dtype, requires_grad=True)
-    mask_token = torch.randn(1, 1, p * p * C, dtype=dtype, requires_grad=True)
-    keep = ids(B, T, K, seed=2)
+    dev = device_of(backend)
+    x = torch.randn(B, K, p * p * C, dtype=dtype, device=dev, requires_grad=True)
+    mask_token = torch.randn(1, 1, p * p * C, dtype=dtype, device=dev, requires_grad=True)
+    keep = ids(B, T, K, seed=2, device=dev)
+    skip_unsupported(tm.unmask_unpatchify_op, backend, x, keep, T, mask_token, gh, gw, p, C)
     out = tm.unmask_unpatchify(x, keep, T, mask_token, gh, gw, p, C, backend=backend)
     ref = tm.unpatchify(tm.unmask_tokens(x, keep, T, mask_token, backend="reference"), gh, gw, p, C)
     assert out.shape == (B, C, gh * p, gw * p) and torch.equal(out, ref)
