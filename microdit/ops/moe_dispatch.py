@@ -6,6 +6,13 @@ slot) pairs that chose it of prob[j, e] * W2_e(GELU(W1_e x_j)).
 
 The reference backend computes this as the published code does: dispatch and combine are
 einsums against a dense one-hot tensor of shape (B, E, k, T), which costs O(T^2 d) per sample.
+Faster backends move tokens into per-expert contiguous blocks (E, B*k, d) so that each expert's
+FFN is one GEMM over all samples, and combine deterministically through the inverse map
+inv (B, T, E) (each token sums its experts' rows in expert order; no atomics):
+  torch   index_select / batched matmuls / index_add_ (atomics on CUDA)
+  cpp     microdit._C kernels (OpenMP) between MKL GEMMs; one autograd node for the layer
+  cuda    the same kernels on the GPU, between cuBLAS GEMMs
+  triton  kernels/moe_dispatch.py: router, grouped GEMMs with the dispatch and GELU fused
 """
 from __future__ import annotations
 

@@ -2,7 +2,10 @@
 
 The reference backend computes what the published MicroDiT code computes, the same way:
 uniform noise + full argsort for the keep indices, `torch.gather` with an expanded index to
-mask, and concatenate-with-mask-tokens-then-gather-by-`ids_restore` to un-mask.
+mask, and concatenate-with-mask-tokens-then-gather-by-`ids_restore` to un-mask. Other
+backends: torch (row indexing, partial top-k), cpp / cuda (microdit._C row copies) and triton
+(kernels/token_mask.py: row copies through an inverse map, un-mask fused with un-patchify,
+keep indices by counting ranks instead of sorting).
 """
 from __future__ import annotations
 
