@@ -11,6 +11,15 @@ pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
 TRITON = {"moe": "triton", "keep_indices": "triton", "mask_tokens": "triton", "unmask_tokens": "triton"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_tf32():
+    """On a GPU, float32 convolutions default to TF32 (cuDNN), too coarse for 1e-5."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="module")
 def model(reference):
     return microdit.load_reference(reference["state_dict"], reference["config"], backends=TRITON).eval().to(DEVICE)
