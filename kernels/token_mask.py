@@ -181,12 +181,13 @@ def gather_image_fwd(img: torch.Tensor, ids: torch.Tensor, grid_w: int, patch: i
 @triton.jit
 def _dropped_sum_kernel(src_ptr, inv_ptr, out_ptr, T, F, C, H, W, GW, IMAGE: tl.constexpr, P: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
-    """out[b, f] = sum over dropped tokens t (inv[b, t] < 0) of feature f of token t, in
-    float32, tokens added in a fixed order; src is (B, T, F) or, with IMAGE, (B, C, H, W)."""
+    """out[b, f] = sum over dropped tokens t (inv[b, t] < 0) of feature f of token t, in out's
+    dtype (float32, or float64 for float64), tokens added in a fixed order; src is (B, T, F)
+    or, with IMAGE, (B, C, H, W)."""
     b = tl.program_id(0)
     f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     fm = f < F
-    acc = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_F,), dtype=out_ptr.dtype.element_ty)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         k = tl.load(inv_ptr + b * T + t, mask=t < T, other=0)
@@ -195,13 +196,14 @@ def _dropped_sum_kernel(src_ptr, inv_ptr, out_ptr, T, F, C, H, W, GW, IMAGE: tl.
             offs = _image_offsets(b, t[:, None], f[None, :], C, H, W, GW, P)
         else:
             offs = (b * T + t[:, None]).to(tl.int64) * F + f[None, :]
-        acc += tl.sum(tl.load(src_ptr + offs, mask=m, other=0.0).to(tl.float32), axis=0)
+        acc += tl.sum(tl.load(src_ptr + offs, mask=m, other=0.0).to(out_ptr.dtype.element_ty), axis=0)
     tl.store(out_ptr + b * F + f, acc, mask=fm)
 
 
 def dropped_sum_fwd(src: torch.Tensor, inv: torch.Tensor, grid_w: int = 1, patch: int = 1) -> torch.Tensor:
-    """Sum over every sample's dropped tokens: (F,) float32, from (B, T, F) tokens or, when
-    `src` is 4-d, a (B, C, H, W) image with tokens of `patch` x `patch` on a grid `grid_w` wide."""
+    """Sum over every sample's dropped tokens, (F,) float32 (float64 for float64 `src`), from
+    (B, T, F) tokens or, when `src` is 4-d, a (B, C, H, W) image with tokens of `patch` x
+    `patch` on a grid `grid_w` wide."""
     B, T = inv.shape
     image = src.dim() == 4
     if image:
@@ -209,7 +211,8 @@ def dropped_sum_fwd(src: torch.Tensor, inv: torch.Tensor, grid_w: int = 1, patch
         F = patch * patch * C
     else:
         F, C, H, W = src.shape[2], 1, 1, 1
-    partial = torch.empty(B, F, dtype=torch.float32, device=src.device)
+    acc = torch.float64 if src.dtype == torch.float64 else torch.float32
+    partial = torch.empty(B, F, dtype=acc, device=src.device)
     block_f = min(_pow2(F), 128)
     if B and F:
         _dropped_sum_kernel[(B, triton.cdiv(F, block_f))](

@@ -287,8 +287,8 @@ def _(x, idx, num_tokens, fill):
 
 @torch.library.custom_op("microdit::triton_dropped_sum", mutates_args=())
 def dropped_sum_triton(src: torch.Tensor, idx: torch.Tensor, num_tokens: int, grid_w: int, patch: int) -> torch.Tensor:
-    """(F,) float32: the sum over all samples' dropped tokens of (B, T, F) rows, or of the
-    patches of a (B, C, H, W) image (tokens on a grid `grid_w` wide)."""
+    """(F,) float32 (float64 for float64 `src`): the sum over all samples' dropped tokens of
+    (B, T, F) rows, or of the patches of a (B, C, H, W) image (tokens on a grid `grid_w` wide)."""
     k = _triton_kernels()
     return k.dropped_sum_fwd(src.contiguous(), k.inverse_fwd(idx.contiguous(), num_tokens), grid_w, patch)
 
@@ -296,7 +296,7 @@ def dropped_sum_triton(src: torch.Tensor, idx: torch.Tensor, num_tokens: int, gr
 @dropped_sum_triton.register_fake
 def _(src, idx, num_tokens, grid_w, patch):
     F = src.shape[2] if src.dim() == 3 else patch * patch * src.shape[1]
-    return src.new_empty(F, dtype=torch.float32)
+    return src.new_empty(F, dtype=torch.float64 if src.dtype == torch.float64 else torch.float32)
 
 
 @torch.library.custom_op("microdit::triton_unmask_unpatchify", mutates_args=())

@@ -111,7 +111,11 @@ def test_grouped_gemm_smallest_config_fits(arch, dtype, variants):
     from microdit.kernels import moe_dispatch as k
 
     gemm = k._grouped_gemm_kernel
-    cfg = min(gemm.configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"]) * c.num_stages)
+    def smem_tiles(c):  # elements of A and B tiles in flight
+        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return (m * k + k * n) * c.num_stages
+
+    cfg = min(gemm.configs, key=smem_tiles)
     for gather, epilogue in variants:
         const = dict(GATHER=gather, EPILOGUE=epilogue, PRECISION="ieee" if dtype == "fp32" else None, **cfg.kwargs)
         kernel = compile_for(gemm.fn, gemm_signature(dtype), const, arch, num_warps=cfg.num_warps,
