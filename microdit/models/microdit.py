@@ -96,13 +96,14 @@ class MicroDiT(nn.Module):
         self.config = cfg = config
         D, eps, bias = cfg.dim, cfg.norm_eps, cfg.use_bias
         moe_backend = cfg.backends.get("moe")
-        unknown = set(cfg.backends) - {"moe", "keep_indices", "mask_tokens", "unmask_tokens"}
+        ops = {"moe", "keep_indices", "mask_tokens", "unmask_tokens", "unmask_unpatchify"}
+        unknown = set(cfg.backends) - ops
         if unknown:
-            raise ValueError(f"backends name unknown ops {sorted(unknown)} "
-                             "(ops: moe, keep_indices, mask_tokens, unmask_tokens)")
+            raise ValueError(f"backends name unknown ops {sorted(unknown)} (ops: {', '.join(sorted(ops))})")
         # Resolve each op's backend once, here: an explicit choice that cannot run fails now.
         self.mask_backend = {}
-        for op in (token_mask.keep_indices_op, token_mask.mask_tokens_op, token_mask.unmask_tokens_op):
+        for op in (token_mask.keep_indices_op, token_mask.mask_tokens_op, token_mask.unmask_tokens_op,
+                   token_mask.unmask_unpatchify_op):
             self.mask_backend[op.name] = op.warm().resolve(cfg.backends.get(op.name))
         moe_dispatch.moe_op.warm()
 
@@ -261,8 +262,12 @@ class MicroDiT(nn.Module):
             x = block(x, y, c)  # (B, K, D)
         x = self.final_layer(x, c)  # (B, K, p*p*C)
         if ids_keep is not None:
-            x = token_mask.unmask_tokens(x, ids_keep, T, self.mask_token,
-                                         backend=self.mask_backend["unmask_tokens"])  # (B, T, p*p*C)
+            # Un-mask with mask_token and un-patchify, in one pass where a backend fuses them.
+            backend = self.mask_backend["unmask_unpatchify"] or self.mask_backend["unmask_tokens"]
+            if backend is not None and backend not in token_mask.unmask_unpatchify_op.impls:
+                backend = None
+            return token_mask.unmask_unpatchify(x, ids_keep, T, self.mask_token, h, w, p, cfg.in_channels,
+                                                backend=backend)  # (B, C, H, W)
         return self.unpatchify(x, h, w)  # (B, C, H, W)
 
     def forward_with_cfg(self, x, c_noise, y, guidance: float, **kw):

@@ -7,20 +7,53 @@ import torch
 import microdit
 from microdit import edm
 from microdit.ops import moe_dispatch, token_mask
-from tests.helpers import available_backends, rel_err
+from tests.helpers import available_backends
+from tests.helpers import rel_err as _rel_err
+
+
+def rel_err(a, b):
+    return _rel_err(a.cpu(), b.cpu())
 
 TOL = 1e-5
 COMBOS = [
-    {"moe": m, "mask_tokens": k, "unmask_tokens": k}
+    {"moe": m, "mask_tokens": k, "unmask_tokens": k, "unmask_unpatchify": k}
     for m, k in itertools.product(available_backends(moe_dispatch.moe_op),
                                   available_backends(token_mask.mask_tokens_op))
-    if k in available_backends(token_mask.unmask_tokens_op)
+    if k in available_backends(token_mask.unmask_tokens_op) and k in available_backends(token_mask.unmask_unpatchify_op)
+    # A CPU-only backend (cpp) and a GPU-only one (cuda, triton) cannot share one model's device.
+    and not ({m, k} & {"cpp"} and {m, k} & {"cuda", "triton"})
 ]
 
 
 @pytest.fixture(scope="module", params=COMBOS, ids=lambda c: f"moe={c['moe']},mask={c['mask_tokens']}")
 def model(request, reference):
     return microdit.load_reference(reference["state_dict"], reference["config"], backends=request.param).eval()
+
+
+def _device(model):
+    """GPU backends run the model on the GPU (in float32, TF32 off); the rest on the CPU."""
+    gpu = any(b in ("cuda", "triton") for b in model.config.backends.values()) and torch.cuda.is_available()
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return "cuda" if gpu else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _on_device(request, reference):
+    """Moves the model and inputs to the device its backends need; outputs come back to the CPU."""
+    if "model" not in request.fixturenames:
+        yield
+        return
+    m = request.getfixturevalue("model")
+    dev = _device(m)
+    m.to(dev)
+    saved = reference["inputs"]
+    reference["inputs"] = {k: v.to(dev) for k, v in saved.items()}
+    try:
+        yield
+    finally:
+        reference["inputs"] = saved
 
 
 def test_forward(model, reference):
@@ -49,7 +82,7 @@ def test_forward_mask75(model, reference):
     with torch.no_grad():
         out = model(i["x"], i["t"], i["y"], ids_keep=i["ids_keep"])
     assert rel_err(out, o["forward_mask75"]) < TOL
-    assert torch.equal(token_mask.drop_mask(i["ids_keep"], o["mask75"].shape[1]), o["mask75"])
+    assert torch.equal(token_mask.drop_mask(i["ids_keep"], o["mask75"].shape[1]).cpu(), o["mask75"])
 
 
 @pytest.mark.parametrize("masked", [True, False], ids=["mask75", "full"])
