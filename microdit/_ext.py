@@ -263,3 +263,15 @@ def moe_gelu_(h: torch.Tensor) -> torch.Tensor:
     d = torch.empty_like(h)
     _run("moe_gelu", h.device, h.data_ptr(), d.data_ptr(), h.numel(), dtype)
     return d
+
+
+def supports(device_type: str):
+    """A registry `supports` check for the extension's backends: the device, and a known dtype."""
+    def check(x, *args, **kwargs) -> list[str]:
+        reasons = []
+        if x.device.type != device_type:
+            reasons.append(f"tensor on {x.device.type}, this backend runs on {device_type}")
+        if x.dtype not in DTYPE_CODES:
+            reasons.append(f"dtype {x.dtype} not supported (supported: fp32, fp16, bf16, fp64)")
+        return reasons
+    return check

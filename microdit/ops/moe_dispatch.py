@@ -239,19 +239,8 @@ def moe_ext(x, gate_weight, w1, w2, capacity):
         return _MoEExt.apply(*args, k)
 
 
-def _ext_supports(device_type):
-    def supports(x, gate_weight, w1, w2, capacity):
-        reasons = []
-        if x.device.type != device_type:
-            reasons.append(f"tensor on {x.device.type}, this backend runs on {device_type}")
-        if x.dtype not in _ext.DTYPE_CODES:
-            reasons.append(f"dtype {x.dtype} not supported (supported: fp32, fp16, bf16, fp64)")
-        return reasons
-    return supports
-
-
-moe_op.register("cuda", 30, extension_cuda_reasons, _ext_supports("cuda"))(moe_ext)
-moe_op.register("cpp", 20, extension_reasons, _ext_supports("cpu"))(moe_ext)
+moe_op.register("cuda", 30, extension_cuda_reasons, _ext.supports("cuda"))(moe_ext)
+moe_op.register("cpp", 20, extension_reasons, _ext.supports("cpu"))(moe_ext)
 
 
 def expert_choice_moe(x, gate_weight, w1, w2, capacity: float, backend=None) -> torch.Tensor:

@@ -188,21 +188,10 @@ gather_tokens_ext.register_autograd(_gather_backward, setup_context=_gather_setu
 scatter_tokens_ext.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
-def _ext_supports(device_type):
-    def supports(x, *args, **kwargs):
-        reasons = []
-        if x.device.type != device_type:
-            reasons.append(f"tensor on {x.device.type}, this backend runs on {device_type}")
-        if x.dtype not in _ext.DTYPE_CODES:
-            reasons.append(f"dtype {x.dtype} not supported (supported: fp32, fp16, bf16, fp64)")
-        return reasons
-    return supports
-
-
 for _name, _prio, _avail, _dev in (("cuda", 30, extension_cuda_reasons, "cuda"), ("cpp", 20, extension_reasons, "cpu")):
-    mask_tokens_op.register(_name, _prio, _avail, _ext_supports(_dev))(
+    mask_tokens_op.register(_name, _prio, _avail, _ext.supports(_dev))(
         lambda x, ids_keep: gather_tokens_ext(x, ids_keep))
-    unmask_tokens_op.register(_name, _prio, _avail, _ext_supports(_dev))(
+    unmask_tokens_op.register(_name, _prio, _avail, _ext.supports(_dev))(
         lambda x, ids_keep, num_tokens, mask_token: scatter_tokens_ext(x, ids_keep, num_tokens, mask_token))
 
 
@@ -242,7 +231,7 @@ def unmask_unpatchify(x, ids_keep, num_tokens: int, mask_token, grid_h: int, gri
 
 
 for _name, _prio, _avail, _dev in (("cuda", 30, extension_cuda_reasons, "cuda"), ("cpp", 20, extension_reasons, "cpu")):
-    unmask_unpatchify_op.register(_name, _prio, _avail, _ext_supports(_dev))(
+    unmask_unpatchify_op.register(_name, _prio, _avail, _ext.supports(_dev))(
         lambda x, ids_keep, num_tokens, mask_token, gh, gw, p, c:
         unpatchify(scatter_tokens_ext(x, ids_keep, num_tokens, mask_token), gh, gw, p, c))
 
