@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..availability import dali, dali_reasons
-from .loader import BatchPlan
+from .loader import BatchPlan, PlannedLoader
 from .shards import ShardDataset
 
 
@@ -23,7 +23,7 @@ def _require(device_id):
         raise RuntimeError("the DALI loader cannot run: " + "; ".join(reasons))
 
 
-class DALILoader:
+class DALILoader(PlannedLoader):
     """An endless, resumable iterator of training batches made by a DALI pipeline (see module doc)."""
 
     def __init__(self, root, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -38,18 +38,6 @@ class DALILoader:
         self._position = 0
         self._pipe = None
         self._batches = None
-
-    def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return self.plan.batches_per_epoch
-
-    @property
-    def epoch(self) -> int:
-        return self._position // len(self)
-
-    @property
-    def batch(self) -> int:
-        return self._position % len(self)
 
     def _build(self, start: int):
         """A DALI pipeline whose iteration k is batch position start + k."""
@@ -115,10 +103,6 @@ class DALILoader:
         return {"latents": self._to_torch(lat), "caption_states": self._to_torch(states),
                 "caption_mask": self._to_torch(mask, torch.bool), "captions": [captions[i] for i in idx.tolist()],
                 "index": idx, "caption_dropped": ~self._to_torch(keep, torch.bool).cpu()}
-
-    def state_dict(self) -> dict:
-        """The position and everything that fixes the batch sequence (the same as ShardLoader's)."""
-        return self.plan.state(self._position, self.dataset.resolution)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()` (of this loader or a ShardLoader with the same settings)."""

@@ -170,7 +170,27 @@ def _identity(x):
     return x
 
 
-class ShardLoader:
+class PlannedLoader:
+    """Position bookkeeping shared by the loaders: `plan`, `dataset` and `_position` (batches consumed)."""
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return self.plan.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._position // len(self)
+
+    @property
+    def batch(self) -> int:
+        return self._position % len(self)
+
+    def state_dict(self) -> dict:
+        """The position and everything that fixes the batch sequence."""
+        return self.plan.state(self._position, self.dataset.resolution)
+
+
+class ShardLoader(PlannedLoader):
     """An endless, resumable iterator of training batches over prepared shards (see module doc)."""
 
     def __init__(self, root, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -185,18 +205,6 @@ class ShardLoader:
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
         self._position = 0
         self._iter = None
-
-    def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return self.plan.batches_per_epoch
-
-    @property
-    def epoch(self) -> int:
-        return self._position // len(self)
-
-    @property
-    def batch(self) -> int:
-        return self._position % len(self)
 
     def __iter__(self):
         return self
@@ -223,10 +231,6 @@ class ShardLoader:
         if self._iter is not None:
             self._iter.close()
             self._iter = None
-
-    def state_dict(self) -> dict:
-        """The position and everything that fixes the batch sequence."""
-        return self.plan.state(self._position, self.dataset.resolution)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()`: the next batch is the one the saved loader would have given next."""
