@@ -168,3 +168,97 @@ def triton_device_reasons(device_type: str) -> list[str]:
     if device_type != "cuda":
         return [f"Triton kernels run on CUDA devices (or the CPU interpreter), not {device_type}"]
     return []
+
+
+# ---------------------------------------------------------------- attention and FP8 libraries
+# flash-attn, xformers and Transformer Engine ship CUDA builds only, installed beside a CUDA
+# torch; each check says what to install and, where there is no GPU, that it needs one.
+_CUDA_TORCH = "it installs only beside a CUDA build of torch"
+
+
+def _gpu_library_reasons(mod_fn, name: str, install: str) -> list[str]:
+    """Why a CUDA-only library cannot run: not installed (with how to install), or no GPU.
+
+    The GPU is checked first: where torch sees none, the library is not imported at all (some of
+    them initialise CUDA, or fail noisily, at import)."""
+    if cuda_reasons():
+        return cuda_reasons() + [f"{name} runs on CUDA devices only: {install} ({_CUDA_TORCH})"]
+    mod = mod_fn()
+    return [] if mod else [repr(mod)]
+
+
+@functools.cache
+def flash_attn():
+    """flash-attn 2.x (`flash_attn_func`), or a Missing stub saying why."""
+    return _import("flash_attn", f"Install it: pip install flash-attn --no-build-isolation ({_CUDA_TORCH}).")
+
+
+@functools.cache
+def flash_attn_interface():
+    """FlashAttention-3 for Hopper (`flash_attn_interface.flash_attn_func`), or a Missing stub."""
+    return _import("flash_attn_interface", "Build FlashAttention-3 from flash-attention/hopper "
+                                           f"(python setup.py install; Hopper GPUs, {_CUDA_TORCH}).")
+
+
+@functools.cache
+def xformers_ops():
+    """`xformers.ops` (`memory_efficient_attention`), or a Missing stub saying why."""
+    return _import("xformers.ops", f"Install it: pip install xformers ({_CUDA_TORCH}; pick the wheel "
+                                   "matching your torch and CUDA).")
+
+
+@functools.cache
+def transformer_engine():
+    """`transformer_engine.pytorch` (FP8 linears, DotProductAttention), or a Missing stub."""
+    return _import("transformer_engine.pytorch", "Install it: pip install 'transformer-engine[pytorch]' "
+                                                 f"({_CUDA_TORCH}).")
+
+
+@functools.cache
+def torchao_float8():
+    """`torchao.float8` (FP8 training of nn.Linear), or a Missing stub saying why."""
+    return _import("torchao.float8", "Install it: pip install torchao (its float8 training needs a "
+                                     "CUDA GPU with FP8 tensor cores: sm89 or newer).")
+
+
+def flash_attn_reasons() -> list[str]:
+    return _gpu_library_reasons(flash_attn, "flash-attn", "pip install flash-attn --no-build-isolation")
+
+
+def flash_attn3_reasons() -> list[str]:
+    reasons = _gpu_library_reasons(flash_attn_interface, "FlashAttention-3", "build flash-attention/hopper")
+    if not reasons and torch.cuda.get_device_capability()[0] != 9:
+        reasons = [f"FlashAttention-3 runs on Hopper (sm90) only; this GPU is sm"
+                   f"{''.join(map(str, torch.cuda.get_device_capability()))}"]
+    return reasons
+
+
+def xformers_reasons() -> list[str]:
+    return _gpu_library_reasons(xformers_ops, "xformers", "pip install xformers")
+
+
+def transformer_engine_reasons() -> list[str]:
+    return _gpu_library_reasons(transformer_engine, "Transformer Engine",
+                                "pip install 'transformer-engine[pytorch]'")
+
+
+def fp8_gpu_reasons() -> list[str]:
+    """Why this machine has no FP8 tensor cores (sm89 Ada, sm90 Hopper and newer have them)."""
+    if cuda_reasons():
+        return cuda_reasons()
+    cap = torch.cuda.get_device_capability()
+    return [] if cap >= (8, 9) else [f"FP8 GEMMs need sm89 or newer; this GPU is sm{cap[0]}{cap[1]}"]
+
+
+def torchao_float8_reasons() -> list[str]:
+    if fp8_gpu_reasons():
+        return fp8_gpu_reasons() + ["torchao float8 training runs on CUDA FP8 tensor cores only"]
+    mod = torchao_float8()
+    return [] if mod else [repr(mod)]
+
+
+def scaled_mm_reasons() -> list[str]:
+    """Why torch._scaled_mm cannot run here (it runs on the CPU, and on CUDA sm89+)."""
+    if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
+        return [f"torch {torch.__version__} has no torch._scaled_mm / float8 dtypes (need torch >= 2.4)"]
+    return []
