@@ -6,6 +6,7 @@ from .models.checkpoint import CheckpointError, load_reference, save_reference
 from .models.config import MicroDiTConfig
 from .models.microdit import MicroDiT
 from .models.presets import PRESETS, preset_config
+from .pipeline import MicroDiTPipeline
 
 __version__ = "0.1.0"
 
@@ -16,5 +17,5 @@ def create_model(name: str, *, device=None, **overrides) -> MicroDiT:
     return model.to(device) if device is not None else model
 
 
-__all__ = ["MicroDiT", "MicroDiTConfig", "PRESETS", "CheckpointError", "create_model", "edm",
+__all__ = ["MicroDiT", "MicroDiTConfig", "PRESETS", "CheckpointError", "MicroDiTPipeline", "create_model", "edm",
            "load_reference", "preset_config", "save_reference"]

@@ -282,3 +282,16 @@ class MicroDiT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory, *, encoders: dict | None = None):
+        """Write config.json + model.safetensors (the Hugging Face layout, see models/pretrained.py)."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, directory, encoders=encoders)
+
+    @classmethod
+    def from_pretrained(cls, source, *, backends: dict | None = None) -> "MicroDiT":
+        """A MicroDiT from a save_pretrained folder or a hub id holding one."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(source, backends=backends)

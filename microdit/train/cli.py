@@ -1,4 +1,4 @@
-"""`microdit train`, `microdit sample` and `microdit eval`."""
+"""`microdit train` and `microdit eval` (`microdit generate`, alias `sample`, is in microdit/pipeline.py)."""
 from __future__ import annotations
 
 import json
@@ -87,18 +87,17 @@ def load_for_sampling(checkpoint, use_ema: bool, device):
     return model.to(device).eval(), state["data_info"]
 
 
-def _split_generate(model, prompts, data_info, info, **kw):
-    """Each rank generates its share of (prompt, k) jobs; rank 0 gets all images in order."""
+def _split_generate(pipe, prompts, info, **kw):
+    """Each rank makes its share of (prompt, k) jobs with `pipe`; rank 0 gets all images in order."""
     import numpy as np
 
     from . import distributed
-    from .sampling import generate
 
     k = kw.pop("num_per_prompt")
     jobs = [(i, j) for i in range(len(prompts)) for j in range(k)]
     mine = jobs[info.rank::info.world_size]
     # Every image is a function of (seed, prompt, k) alone, so the split does not change it.
-    made = generate(model, prompts, data_info, jobs=mine, **kw) if mine else []
+    made = pipe.images(prompts, jobs=mine, **kw) if mine else []
     images = {job: made[n:n + 1] for n, job in enumerate(mine)}
     if info.enabled:
         gathered = [None] * info.world_size
@@ -109,41 +108,18 @@ def _split_generate(model, prompts, data_info, info, **kw):
     return np.concatenate([images[job] for job in jobs]) if info.is_main else None
 
 
-def cmd_sample(args) -> int:
-    from PIL import Image
-
-    from . import distributed
-    from .sampling import save_grid
-
-    info = distributed.setup(args.device)
-    _logging(info.is_main)
-    try:
-        model, data_info = load_for_sampling(args.checkpoint, args.ema, info.device)
-        images = _split_generate(model, args.prompts, data_info, info, num_per_prompt=args.num_per_prompt,
-                                 steps=args.steps, guidance=args.guidance, seed=args.seed)
-        if info.is_main:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            for n, img in enumerate(images):
-                i, k = divmod(n, args.num_per_prompt)
-                Image.fromarray(img).save(out / f"{i}_{k}.png")
-            save_grid(images, out / "grid.png", nrow=args.num_per_prompt)
-            print(f"wrote {len(images)} images and grid.png to {out}")
-    finally:
-        distributed.teardown()
-    return 0
-
-
 def cmd_eval(args) -> int:
     from ..eval.shapes_eval import ShapesEval, eval_prompts
+    from ..pipeline import MicroDiTPipeline
     from . import distributed
 
     info = distributed.setup(args.device)
     _logging(info.is_main)
     try:
-        model, data_info = load_for_sampling(args.checkpoint, args.ema, info.device)
+        # float32, as the scores were measured; the same sampling path as `microdit generate`.
+        pipe = MicroDiTPipeline.from_run(args.checkpoint, ema=args.ema, device=info.device, dtype="float32")
         prompts = [p.prompt for p in eval_prompts(args.num, args.seed)]
-        images = _split_generate(model, prompts, data_info, info, num_per_prompt=1, steps=args.steps,
+        images = _split_generate(pipe, prompts, info, num_per_prompt=1, steps=args.steps,
                                  guidance=args.guidance, seed=args.seed)
         if info.is_main:
             scores = ShapesEval().score(images, prompts)
@@ -175,21 +151,19 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
     p.set_defaults(fn=cmd_train)
 
-    for name, fn, helptext in (("sample", cmd_sample, "generate images from prompts"),
-                               ("eval", cmd_eval, "ShapesEval of a model trained on shapes")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("checkpoint", help="a checkpoint file or a training output directory (its latest)")
-        if name == "sample":
-            p.add_argument("prompts", nargs="+", metavar="PROMPT")
-            p.add_argument("--num-per-prompt", type=int, default=1)
-            p.add_argument("--out", required=True, help="directory for <prompt>_<k>.png and grid.png")
-        else:
-            p.add_argument("--out", required=True, help="the JSON report to write")
-            p.add_argument("--num", type=int, default=120, help="evaluation prompts")
-            p.add_argument("--details", action="store_true", help="include per-prompt details")
-        p.add_argument("--steps", type=int, default=30)
-        p.add_argument("--guidance", type=float, default=5.0)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--ema", action="store_true", help="use the EMA weights")
-        p.add_argument("--device", default="auto")
-        p.set_defaults(fn=fn)
+    p = sub.add_parser("eval", help="ShapesEval of a model trained on shapes")
+    p.add_argument("checkpoint", help="a checkpoint file or a training output directory (its latest)")
+    p.add_argument("--out", required=True, help="the JSON report to write")
+    p.add_argument("--num", type=int, default=120, help="evaluation prompts")
+    p.add_argument("--details", action="store_true", help="include per-prompt details")
+    add_sampling_args(p)
+    p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    p.set_defaults(fn=cmd_eval)
+
+
+def add_sampling_args(p) -> None:
+    """--steps, --guidance, --seed, --device: shared by `generate` (alias `sample`) and `eval`."""
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")

@@ -1,4 +1,4 @@
-"""Generating images from prompts with the encoders recorded with the training data."""
+"""Sample grids of a training run with the encoders recorded with its data (see microdit.pipeline)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..diffusion import edm
 
 
 def encoders_from(data_info: dict, device):
@@ -17,31 +16,21 @@ def encoders_from(data_info: dict, device):
             codec_from_metadata(data_info["codec"]).to(device))
 
 
-@torch.no_grad()
 def generate(model, prompts: list[str], data_info: dict, *, num_per_prompt: int = 1, steps: int = 30,
              guidance: float = 5.0, seed: int = 0, batch_size: int = 16, encoders=None,
              jobs: list[tuple[int, int]] | None = None) -> np.ndarray:
     """uint8 images (len(prompts) * num_per_prompt, H, W, 3), prompt-major; same seed, same images.
 
-    `jobs` picks (prompt index, k) pairs to make instead of all of them, in that order.
+    `jobs` picks (prompt index, k) pairs to make instead of all of them, in that order. Float32,
+    through the same `MicroDiTPipeline.images` as `microdit generate`.
     """
+    from ..pipeline import MicroDiTPipeline
+
     device = next(model.parameters()).device
-    model.eval()
     text_encoder, codec = encoders or encoders_from(data_info, device)
-    cfg = model.config
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    if jobs is None:
-        jobs = [(i, k) for i in range(len(prompts)) for k in range(num_per_prompt)]
-    out = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        states, _ = text_encoder.encode([prompts[i] for i, _ in chunk])
-        # Noise per image from its own (seed, prompt, k): independent of batching and device.
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i * 1009 + k))
-                             for i, k in chunk]).to(device)
-        latents = edm.sample(model, noise, states.to(device), steps=steps, guidance=guidance)
-        out.append(codec.decode(latents).cpu().numpy())
-    return np.concatenate(out)
+    pipe = MicroDiTPipeline(model, text_encoder, codec, device=device, dtype=torch.float32)
+    return pipe.images(prompts, steps=steps, guidance=guidance, seed=seed, num_per_prompt=num_per_prompt,
+                       batch_size=batch_size, jobs=jobs)
 
 
 def save_grid(images: np.ndarray, path, nrow: int) -> Path:
