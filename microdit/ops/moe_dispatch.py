@@ -65,15 +65,16 @@ def _experts(xin, w1, w2):
 
 
 @moe_op.register("torch", priority=10)
-def moe_torch(x, gate_weight, w1, w2, capacity):
-    """Row gather into per-expert blocks, batched expert GEMMs, weighted `index_add_` combine."""
+def moe_torch(x, gate_weight, w1, w2, capacity, experts=None):
+    """Row gather into per-expert blocks, batched expert GEMMs, weighted `index_add_` combine.
+    `experts(xin, w1, w2)` replaces the expert FFN (microdit.fp8 runs it in FP8)."""
     B, T, d = x.shape
     E = w1.shape[0]
     k = expert_capacity(T, E, capacity)
     _, gates, idx = route(x, gate_weight, k)  # (B, E, k)
     rows = _expert_rows(idx, T)  # (E*B*k,)
     xin = x.reshape(B * T, d).index_select(0, rows).view(E, B * k, d)  # (E, B*k, d)
-    y = _experts(xin, w1, w2) * gates.transpose(0, 1).reshape(E, B * k, 1)  # (E, B*k, d)
+    y = (experts or _experts)(xin, w1, w2) * gates.transpose(0, 1).reshape(E, B * k, 1)  # (E, B*k, d)
     # index_add_ adds in index order on the CPU (deterministic); CUDA uses atomics.
     return y.new_zeros(B * T, d).index_add_(0, rows, y.view(E * B * k, d)).view(B, T, d)
 

@@ -63,12 +63,20 @@ class EMASection:
 
 
 @dataclass
+class FP8Section:
+    """FP8 block GEMMs under train.precision=fp8 (see microdit.fp8)."""
+
+    backend: str = "auto"  # auto | torch (torch._scaled_mm) | emulated | torchao | transformer_engine
+    recipe: str = "tensorwise"  # tensorwise | rowwise | delayed
+
+
+@dataclass
 class TrainSection:
     steps: int = 1000
     global_batch: int = 64
     micro_batch: int = 64  # per rank; accumulation = global_batch / (micro_batch * world_size)
     seed: int = 0
-    precision: str = "auto"  # "bf16" autocast, "fp32", or "auto" (bf16 on GPU, fp32 on CPU)
+    precision: str = "auto"  # "bf16" autocast, "fp32", "fp8" (block GEMMs, see fp8:), or "auto" (bf16 on GPU, fp32 on CPU)
     compile: bool = False
     parallel: str = "ddp"  # "ddp" or "fsdp" (FSDP2 fully_shard) when world_size > 1
     device: str = "auto"
@@ -96,6 +104,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     ema: EMASection = field(default_factory=EMASection)
+    fp8: FP8Section = field(default_factory=FP8Section)
     train: TrainSection = field(default_factory=TrainSection)
     out: str = "runs/demo"
 
@@ -168,8 +177,13 @@ def validate(cfg: TrainConfig) -> None:
     t = cfg.train
     if t.global_batch % t.micro_batch:
         raise ValueError(f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch {t.micro_batch}")
-    if t.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"train.precision must be auto, bf16 or fp32; got {t.precision!r}")
+    if t.precision not in ("auto", "bf16", "fp32", "fp8"):
+        raise ValueError(f"train.precision must be auto, bf16, fp32 or fp8; got {t.precision!r}")
+    if cfg.fp8.backend not in ("auto", "torch", "emulated", "torchao", "transformer_engine"):
+        raise ValueError(f"fp8.backend must be auto, torch, emulated, torchao or transformer_engine; "
+                         f"got {cfg.fp8.backend!r}")
+    if cfg.fp8.recipe not in ("tensorwise", "rowwise", "delayed"):
+        raise ValueError(f"fp8.recipe must be tensorwise, rowwise or delayed; got {cfg.fp8.recipe!r}")
     if t.parallel not in ("ddp", "fsdp"):
         raise ValueError(f"train.parallel must be ddp or fsdp; got {t.parallel!r}")
     if cfg.optim.schedule not in ("cosine", "constant"):

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .. import fp8
 from ..diffusion import edm
 from ..models.flops import model_flops
 from ..models.microdit import MicroDiT
@@ -115,14 +116,19 @@ class Trainer:
                              f"{t.micro_batch} x world size {self.dist.world_size}")
         self.accum = t.global_batch // per_step
         precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
-                         else nullcontext())
+        # fp8: the block GEMMs in FP8 (microdit.fp8), everything else in bf16 on a GPU, fp32 on a CPU.
+        bf16 = precision == "bf16" or precision == "fp8" and self.device.type == "cuda"
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         self.precision = precision
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.raw = build_model(cfg, data_info).initialize_weights().to(self.device)
         if t.init_from:
             load_initial_weights(self.raw, t.init_from)
+        if precision == "fp8":
+            fp8.convert(self.raw, backend=cfg.fp8.backend, recipe=cfg.fp8.recipe)
+        fp8_attention = cfg.model.backends.get("attention") == "transformer_engine"
+        self.fp8_context = lambda: fp8.autocast(self.raw, fp8_attention=fp8_attention)  # a fresh one per use
         self.ema = EMA(self.raw, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
         self.model = distributed.wrap(self.raw, self.dist, t.parallel)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -143,6 +149,7 @@ class Trainer:
             "model": get_model_state_dict(self.model, options=FULL),
             "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=FULL),
             "ema": self.ema.state_dict() if self.ema else None,
+            "fp8_scaling": fp8.scaling_state(self.raw),  # beside the published-format model state
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "data": self.loader.state_dict(),
@@ -174,6 +181,7 @@ class Trainer:
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL)
         if self.ema:
             self.ema.load_state_dict(state["ema"])
+        fp8.load_scaling_state(self.raw, state.get("fp8_scaling", {}))
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
         self.loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -206,7 +214,7 @@ class Trainer:
             x0 = batch["latents"].to(self.device, non_blocking=True)
             y = batch["caption_states"].to(self.device, non_blocking=True)
             rnd, noise, ids = self._noise(x0.shape[0], micro, x0.shape[1:])
-            with distributed.no_sync(self.model, micro == self.accum - 1), self.autocast:
+            with distributed.no_sync(self.model, micro == self.accum - 1), self.autocast, self.fp8_context():
                 loss = edm.loss(self.forward, x0, y, rnd_normal=rnd, noise=noise, ids_keep=ids, config=ecfg,
                                 model_config=self.raw.config)
             (loss / self.accum).backward()
