@@ -6,7 +6,7 @@ import platform
 import torch
 
 from . import availability
-from .ops import attention, ln_modulate, moe_dispatch, residual_ln_modulate, token_mask  # noqa: F401  (importing registers the ops)
+from .ops import attention, ln_modulate, moe_dispatch, multi_linear, residual_ln_modulate, swiglu, token_mask  # noqa: F401  (importing registers the ops)
 from .ops.registry import ALL_OPS
 
 
