@@ -9,6 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 # The requirements of one optional extra, read from pyproject.toml (installing them directly
 # does not rebuild the extension the way `pip install -e .[extra]` would).
 EXTRA := $(PY) -c "import sys, tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies'][sys.argv[1]]))"
+# The MDS tests write shards with mosaicml-streaming's MDSWriter; microdit reads MDS without it.
+# --no-deps: streaming's own requirements pull torchvision, and with it a torch of their choosing.
+MDS_WRITER := mosaicml-streaming xxhash zstd python-snappy cramjam Brotli catalogue
 SOURCES := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: install demo test test-fast clean
@@ -26,6 +29,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --no-deps $$($(EXTRA) eval) || echo "NOTE: eval extra not installable here; FID/KID and CLIP-score library checks are skipped"
 	$(PY) -m pip install $$($(EXTRA) triton) || echo "NOTE: triton not installable here; Triton backends and tests are skipped"
 	$(PY) -m pip install $$($(EXTRA) dali) || echo "NOTE: DALI not installable here; DALI loader tests are skipped"
+	$(PY) -m pip install --no-deps $(MDS_WRITER) || echo "NOTE: mosaicml-streaming not installable here; MDS tests are skipped"
 	touch $@
 
 install: $(VENV)/.installed

@@ -125,7 +125,7 @@ def diffusers():
 @functools.cache
 def transformers():
     """The `transformers` package (Hugging Face text encoders, MiniLM), or a Missing stub."""
-    return _import("transformers", "Install the `hf` extra: pip install 'microdit[hf]'.")
+    return _import("transformers", "It is a dependency of microdit's base install: pip install 'transformers>=4.40'.")
 
 
 @functools.cache

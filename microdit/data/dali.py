@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..availability import dali, dali_reasons
-from .loader import BatchPlan, PlannedLoader
+from .loader import BatchPlan, PlannedLoader, open_dataset
 from .shards import ShardDataset
 
 
@@ -31,7 +31,7 @@ class DALILoader(PlannedLoader):
                  shuffle: bool = True, device_id: int | None = None, num_threads: int = 2,
                  prefetch_queue_depth: int = 2, verify: bool = False):
         _require(device_id)
-        self.dataset = root if isinstance(root, ShardDataset) else ShardDataset(root, resolution, verify=verify)
+        self.dataset = root if isinstance(root, ShardDataset) else open_dataset(root, resolution, verify=verify)
         self.plan = BatchPlan(len(self.dataset), batch_size, rank, world_size, seed, shuffle, drop_last,
                               caption_dropout)
         self.device_id, self.num_threads, self.prefetch_queue_depth = device_id, num_threads, prefetch_queue_depth

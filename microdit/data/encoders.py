@@ -630,7 +630,8 @@ def codec_from_metadata(meta: dict, **kw) -> ImageCodec:
         codec = get_codec(spec or "pixels", **{**opts, **kw})
     elif kind == "autoencoder_kl":
         opts = {"subfolder": meta.get("subfolder"), "sample": meta.get("sample", False),
-                "scaling_factor": meta["scaling_factor"], "shift_factor": meta["shift_factor"],
+                # absent (None): the VAE config's own factors, e.g. for the published MDS latents
+                "scaling_factor": meta.get("scaling_factor"), "shift_factor": meta.get("shift_factor"),
                 "dtype": meta.get("dtype")}
         codec = AutoencoderKLCodec(spec, **{**opts, **kw})
     else:

@@ -135,6 +135,15 @@ class BatchPlan:
             p += step
 
 
+def open_dataset(root, resolution: int | None = None, verify: bool = False) -> ShardDataset:
+    """Shards made by `microdit prepare`, or a folder of MDS shards in the published layout."""
+    from .mds import MDSDataset, is_mds_folder
+
+    if is_mds_folder(root):
+        return MDSDataset(root, resolution, verify)
+    return ShardDataset(root, resolution, verify=verify)
+
+
 def drop_captions(arrays: dict, dropped: np.ndarray) -> None:
     """Zero the caption states and mask of the dropped rows of `ShardDataset.gather` arrays, in place."""
     if dropped.any():  # on the stored (half-size) arrays, before the float32 copy
@@ -197,7 +206,7 @@ class ShardLoader(PlannedLoader):
                  resolution: int | None = None, caption_dropout: float = 0.0, num_workers: int = 0,
                  drop_last: bool = True, shuffle: bool = True, pin_memory: bool = False,
                  prefetch_factor: int = 2, verify: bool = False):
-        self.dataset = root if isinstance(root, ShardDataset) else ShardDataset(root, resolution, verify=verify)
+        self.dataset = root if isinstance(root, ShardDataset) else open_dataset(root, resolution, verify=verify)
         self.plan = BatchPlan(len(self.dataset), batch_size, rank, world_size, seed, shuffle, drop_last,
                               caption_dropout)
         if num_workers < 0:

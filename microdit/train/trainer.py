@@ -289,20 +289,26 @@ class Trainer:
 
     def sample_grid(self) -> Path | None:
         """A grid for the fixed prompts with the current (EMA, if any) weights; needs the data's encoders."""
-        if "text_encoder" not in self.data_info or "codec" not in self.data_info:
+        if "text_encoder" not in self.data_info or "codec" not in self.data_info or not self.cfg.train.sample_prompts:
             return None
         # Full weights on every rank (a collective under FSDP), then the main rank samples alone
         # with a plain copy of the model, so sharded training is never stepped by one rank.
         weights = self.ema.shadow if self.ema else get_model_state_dict(self.model, options=FULL)
         path = None
         if self.dist.is_main:
-            from .sampling import generate, save_grid
+            from .sampling import encoders_from, generate, save_grid
 
+            try:
+                encoders = encoders_from(self.data_info, self.device)
+            except (OSError, ImportError) as e:  # e.g. the published VAE offline: not worth ending a run over
+                log.warning("sample grid skipped: cannot load the data's encoders (%s)", e)
+                encoders = None
+        if self.dist.is_main and encoders is not None:
             model = MicroDiT(self.raw.config).to(self.device)
             model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
             images = generate(model, self.cfg.train.sample_prompts, self.data_info,
                               steps=self.cfg.train.sample_steps, guidance=self.cfg.train.sample_guidance,
-                              seed=self.cfg.train.seed)
+                              seed=self.cfg.train.seed, encoders=encoders)
             path = self.out / "samples" / f"step_{self.step:08d}.png"
             save_grid(images, path, nrow=len(self.cfg.train.sample_prompts))
         distributed.barrier(self.dist)
