@@ -222,3 +222,52 @@ def test_from_pretrained_errors_name_the_source(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="'nobody-here/no-such-microdit'.*HF_HOME"):
         MicroDiT.from_pretrained("nobody-here/no-such-microdit")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """Two steps of the demo config (tiny model, 16 px shapes, MiniLM captions), EMA on."""
+    from microdit.data.encoders import get_text_encoder
+    from microdit.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("demo")
+    prepare("shapes", root / "data", resolutions=(16,), codec="pixels",
+            text_encoder=get_text_encoder("minilm", max_length=16), num=16, seed=0, progress=False)
+    r = subprocess.run([sys.executable, "-m", "microdit.cli", "train", "--config", "demo", "--data", str(root / "data"),
+                        "--out", str(root / "run"), "--steps", "2", "data.resolution=16", "ema.enabled=true",
+                        "ema.start_step=0", "model.preset=MicroDiT_Test_2", "train.global_batch=8",
+                        "train.micro_batch=8", "train.tensorboard=false", "train.sample_steps=1",
+                        "train.precision=fp32"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_export_a_demo_run_then_generate_from_the_export(demo_run, tmp_path):
+    from microdit.pipeline import export
+    from microdit.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    prompts, kw = ["a large red circle in the center", "a small blue square"], dict(steps=2, guidance=3.0, seed=3)
+    expected = MicroDiTPipeline.from_run(demo_run, ema=True, device="cpu").images(prompts, **kw)
+    export(demo_run, tmp_path / "pre", ema=True)
+    export(demo_run, tmp_path / "pub", ema=True, format="published")
+    assert sorted(p.name for p in (tmp_path / "pub").iterdir()) == ["microdit.json", "model.pt"]
+    for source in (tmp_path / "pre", tmp_path / "pub" / "model.pt"):
+        pipe = MicroDiTPipeline.load(source, device="cpu")
+        assert pipe.text_encoder.name == "minilm" and pipe.codec.name == "pixels"
+        assert np.array_equal(pipe.images(prompts, **kw), expected), source
+    # raw weights by default; they are the run's model weights, not its EMA
+    export(demo_run, tmp_path / "raw")
+    state = load_checkpoint(resolve_checkpoint(demo_run))
+    raw = MicroDiT.from_pretrained(tmp_path / "raw").state_dict()
+    assert all(torch.equal(raw[k], state["model"][k]) for k in raw)
+    assert any(not torch.equal(raw[k], state["ema"]["shadow"][k]) for k in raw)
+    # and through the CLI: export, then generate from the export alone
+    for args in (["export", str(demo_run), "--to", str(tmp_path / "cli"), "--ema"],
+                 ["generate", str(tmp_path / "cli"), *prompts, "--steps", "2", "--guidance", "3", "--seed", "3",
+                  "--device", "cpu", "--out", str(tmp_path / "img")]):
+        r = subprocess.run([sys.executable, "-m", "microdit.cli", *args], env=ENV, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    made = np.stack([np.asarray(Image.open(tmp_path / "img" / f"{i}_0.png")) for i in range(2)])
+    assert np.array_equal(made, expected)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import INDEX, ShardDataset, ShardError
+from .shards import INDEX, ShardDataset, ShardError, read_json
 
 MDS_VERSION = 2
 DOWNSAMPLE = 8  # the SDXL and Ostris VAEs of the published latents
@@ -79,10 +79,7 @@ def read_mds_index(root) -> list[dict]:
         raise ShardError(f"{root} is not an MDS dataset: no {INDEX} in it or in its sub-folders")
     out = []
     for path, prefix in indexes:
-        try:
-            index = json.loads(path.read_text())
-        except ValueError as e:
-            raise ShardError(f"{path} is not valid JSON: {e}") from None
+        index = read_json(path)
         if index.get("version") != MDS_VERSION:
             raise ShardError(f"{path} is MDS index version {index.get('version')}, this reader reads {MDS_VERSION}")
         for s in index["shards"]:

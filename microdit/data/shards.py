@@ -173,6 +173,14 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def read_json(path) -> dict:
+    """A JSON index file; ShardError naming it if it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ShardError(f"{path} is not valid JSON: {e}") from None
+
+
 def read_index(root) -> dict:
     """The dataset index of `root`, with clear errors for a missing, unfinished or foreign folder."""
     root = Path(root)
@@ -184,10 +192,7 @@ def read_index(root) -> dict:
         hint = ("it holds shards but no index: `microdit prepare` did not finish; rerun it to complete the dataset"
                 if partial else "make one with `microdit prepare SOURCE OUT`")
         raise ShardError(f"{root} is not a microdit shard dataset (no {INDEX}): {hint}")
-    try:
-        index = json.loads(path.read_text())
-    except ValueError as e:
-        raise ShardError(f"{path} is not valid JSON: {e}") from None
+    index = read_json(path)
     if index.get("format") != FORMAT:
         raise ShardError(f"{path} has format {index.get('format')!r}, expected {FORMAT!r}")
     if index.get("version") != VERSION:
