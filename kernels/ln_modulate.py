@@ -9,13 +9,12 @@ Launchers are plain functions without autograd; microdit/ops/ln_modulate.py wrap
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .common import INTERPRET
+
 ROWS = 32 if INTERPRET else 4  # rows per program (the interpreter's cost is per program and op)
 
 

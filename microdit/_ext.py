@@ -97,7 +97,7 @@ def _launch_cuda(fn, name: str, device: torch.device, *args) -> None:
             raise ValueError(f"{name}: idx has entries outside [0, T) (MICRODIT_CHECK_INDICES=1)")
 
 
-def gather_tokens(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def mask_tokens(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, D), (B, K) int64 -> (B, K, D): out[b, k] = src[b, idx[b, k]].
 
     On the CPU an index outside [0, T) raises ValueError before anything is written; on CUDA
@@ -109,13 +109,13 @@ def gather_tokens(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None
     out = _output(out, (B, K, D), src)
     args = (src.data_ptr(), idx.data_ptr(), out.data_ptr(), B, T, K, D, dtype)
     if src.device.type == "cpu":
-        extension().gather_tokens_cpu(*args)
+        extension().mask_tokens_cpu(*args)
     else:
-        _launch_cuda(_cuda_module(src.device).gather_tokens_cuda, "gather_tokens", src.device, *args)
+        _launch_cuda(_cuda_module(src.device).mask_tokens_cuda, "mask_tokens", src.device, *args)
     return out
 
 
-def scatter_tokens(
+def unmask_tokens(
     src: torch.Tensor,
     idx: torch.Tensor,
     T: int,
@@ -146,15 +146,15 @@ def scatter_tokens(
     out = _output(out, (B, T, D), src)
     args = (src.data_ptr(), idx.data_ptr(), out.data_ptr(), fill_ptr, B, T, K, D, dtype)
     if src.device.type == "cpu":
-        extension().scatter_tokens_cpu(*args)
+        extension().unmask_tokens_cpu(*args)
     else:
-        _launch_cuda(_cuda_module(src.device).scatter_tokens_cuda, "scatter_tokens", src.device, *args)
+        _launch_cuda(_cuda_module(src.device).unmask_tokens_cuda, "unmask_tokens", src.device, *args)
     return out
 
 
 # ---------------------------------------------------------------- expert-choice MoE
 # Layouts: tokens (B, T, D); idx (B, E, K) int64; weight (B, E, K) in the tokens' dtype;
-# blocks (E, B, K, D) expert-major; inv (B, T, E) int32 (slot or -1). See csrc/moe_dispatch/.
+# blocks (E, B, K, D) expert-major; inv (B, T, E) int32 (slot or -1). See csrc/moe/.
 def _check_moe_idx(idx, device: torch.device) -> tuple[int, int, int]:
     _check_tensor("idx", idx, 3, device)
     if idx.dtype != torch.int64:
@@ -201,7 +201,7 @@ def moe_inverse(idx: torch.Tensor, T: int) -> torch.Tensor:
     return inv
 
 
-def moe_gather(tokens: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def moe_dispatch(tokens: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, D), (B, E, K) -> (E, B, K, D): blocks[e, b, j] = weight[b, e, j] * tokens[b, idx[b, e, j]]."""
     dtype = _check_float("tokens", tokens, 3)
     B, T, D = tokens.shape
@@ -211,12 +211,12 @@ def moe_gather(tokens: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor | N
     if weight is not None:
         _check_same("weight", weight, (B, E, K), tokens)
     blocks = torch.empty(E, B, K, D, dtype=tokens.dtype, device=tokens.device)
-    _run("moe_gather", tokens.device, tokens.data_ptr(), idx.data_ptr(),
+    _run("moe_dispatch", tokens.device, tokens.data_ptr(), idx.data_ptr(),
          0 if weight is None else weight.data_ptr(), blocks.data_ptr(), B, T, E, K, D, dtype)
     return blocks
 
 
-def moe_gather_dot(grad: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+def moe_combine_backward(grad: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                    need_dblocks: bool = True, need_dweight: bool = True):
     """The combine's backward: (dblocks (E, B, K, D) or None, dweight (B, E, K) or None) with
     g = grad[b, idx[b, e, j]]: dblocks[e, b, j] = weight[b, e, j] * g, dweight[b, e, j] = <g, blocks[e, b, j]>."""
@@ -229,7 +229,7 @@ def moe_gather_dot(grad: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor, 
     _check_same("weight", weight, (B, E, K), grad)
     dblocks = torch.empty_like(blocks) if need_dblocks else None
     dweight = torch.empty_like(weight) if need_dweight else None
-    _run("moe_gather_dot", grad.device, grad.data_ptr(), blocks.data_ptr(), idx.data_ptr(),
+    _run("moe_combine_backward", grad.device, grad.data_ptr(), blocks.data_ptr(), idx.data_ptr(),
          weight.data_ptr(), 0 if dblocks is None else dblocks.data_ptr(),
          0 if dweight is None else dweight.data_ptr(), B, T, E, K, D, dtype)
     return dblocks, dweight

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from . import availability
 from .nn.layers import ExpertChoiceMoE
-from .ops import moe_dispatch
+from .ops import moe
 from .ops.registry import Op
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -191,7 +191,7 @@ class Fp8ExpertChoiceMoE(ExpertChoiceMoE):
         return torch.stack([mm(F.gelu(mm(xin[e], w1[e], 0, e)), w2[e], 1, e) for e in range(xin.shape[0])])
 
     def forward(self, x):
-        return moe_dispatch.moe_torch(x, self.gate.weight, self.w1, self.w2, self.capacity, experts=self.experts)
+        return moe.moe_torch(x, self.gate.weight, self.w1, self.w2, self.capacity, experts=self.experts)
 
     def extra_repr(self):
         return super().extra_repr() + f", fp8={self.recipe}{' (emulated)' if self.emulate else ''}"

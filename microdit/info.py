@@ -6,8 +6,10 @@ import platform
 import torch
 
 from . import availability
-from .ops import attention, ln_modulate, moe_dispatch, multi_linear, residual_ln_modulate, swiglu, token_mask  # noqa: F401  (importing registers the ops)
+from .ops import import_all
 from .ops.registry import ALL_OPS
+
+import_all()  # importing the op modules registers the ops
 
 
 def report() -> str:

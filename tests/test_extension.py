@@ -74,7 +74,7 @@ def test_extension_importable():
     assert isinstance(info["cuda"], bool) and isinstance(info["openmp"], bool)
     assert info["version"] and info["compiler"]
     assert bool(info["cuda_archs"]) == info["cuda"]
-    assert hasattr(ext, "gather_tokens_cuda") == info["cuda"]
+    assert hasattr(ext, "mask_tokens_cuda") == info["cuda"]
 
 
 def test_cuda_built_when_nvcc_present():
@@ -166,7 +166,7 @@ def test_half_conversions_match_torch(tmp_path):
 def test_gather_cpu(shape, dtype):
     B, T, K, D = shape
     src, idx, _ = make_inputs(B, T, K, D, dtype)
-    assert_bitwise_equal(_ext.gather_tokens(src, idx), gather_ref(src, idx))
+    assert_bitwise_equal(_ext.mask_tokens(src, idx), gather_ref(src, idx))
 
 
 @pytest.mark.parametrize("fill_shape", [None, "D", "11D"])
@@ -180,27 +180,27 @@ def test_scatter_cpu(shape, dtype, fill_shape):
         fill = fill.reshape(1, 1, D)
     elif fill_shape is None:
         fill = None
-    assert_bitwise_equal(_ext.scatter_tokens(src, idx, T, fill), scatter_ref(src, idx, T, fill))
+    assert_bitwise_equal(_ext.unmask_tokens(src, idx, T, fill), scatter_ref(src, idx, T, fill))
 
 
 def test_scatter_inverts_gather_cpu():
     src, idx, _ = make_inputs(2, 50, 50, 33, torch.bfloat16)  # K == T: a permutation
-    assert_bitwise_equal(_ext.scatter_tokens(_ext.gather_tokens(src, idx), idx, 50), src)
+    assert_bitwise_equal(_ext.unmask_tokens(_ext.mask_tokens(src, idx), idx, 50), src)
 
 
 def test_gather_indices_may_repeat_cpu():
     src, _, _ = make_inputs(2, 10, 0, 6, torch.float32)
     idx = torch.tensor([[3, 3, 0, 9, 9, 9, 1, 2, 2, 5, 5, 5]] * 2)  # K > T is fine for gather
-    assert_bitwise_equal(_ext.gather_tokens(src, idx), gather_ref(src, idx))
+    assert_bitwise_equal(_ext.mask_tokens(src, idx), gather_ref(src, idx))
 
 
 def test_out_argument_cpu():
     src, idx, fill = make_inputs(3, 40, 11, 13, torch.float16)
     out = torch.empty(3, 11, 13, dtype=torch.float16)
-    assert _ext.gather_tokens(src, idx, out=out) is out
+    assert _ext.mask_tokens(src, idx, out=out) is out
     assert_bitwise_equal(out, gather_ref(src, idx))
     out2 = torch.full((3, 40, 13), 7.0, dtype=torch.float16)
-    assert _ext.scatter_tokens(out, idx, 40, fill, out=out2) is out2
+    assert _ext.unmask_tokens(out, idx, 40, fill, out=out2) is out2
     assert_bitwise_equal(out2, scatter_ref(out, idx, 40, fill))
 
 
@@ -211,7 +211,7 @@ def test_gather_out_of_range_raises_before_writing(bad):
     idx[1, 5] = bad
     out = torch.full((3, 31, 77), 42.0)
     with pytest.raises(ValueError, match=rf"idx\[1, 5\] = {bad} is out of range for T = 123"):
-        _ext.gather_tokens(src, idx, out=out)
+        _ext.mask_tokens(src, idx, out=out)
     assert bool((out == 42.0).all()), "nothing may be written when an index is invalid"
 
 
@@ -222,11 +222,11 @@ def test_scatter_bad_indices_raise_before_writing():
     bad = idx.clone()
     bad[1, 3] = 30
     with pytest.raises(ValueError, match=r"idx\[1, 3\] = 30 is out of range"):
-        _ext.scatter_tokens(src, bad, 30, fill, out=out)
+        _ext.unmask_tokens(src, bad, 30, fill, out=out)
     bad = idx.clone()
     bad[0, 7] = bad[0, 2]
     with pytest.raises(ValueError, match=rf"idx\[0\] repeats token {int(bad[0, 2])} \(at k = 2 and k = 7\)"):
-        _ext.scatter_tokens(src, bad, 30, fill, out=out)
+        _ext.unmask_tokens(src, bad, 30, fill, out=out)
     assert bool((out == 42.0).all()), "nothing may be written when an index is invalid"
 
 
@@ -234,21 +234,21 @@ def test_wrong_arguments_name_the_argument():
     src, idx, fill = make_inputs(3, 20, 5, 8, torch.float32)
     kept = gather_ref(src, idx).contiguous()
     cases = [
-        (lambda: _ext.gather_tokens(src[0], idx), r"src: expected a 3-d tensor, got shape \(20, 8\)"),
-        (lambda: _ext.gather_tokens(src.int(), idx), r"src: expected dtype float32, float16, bfloat16, float64, got torch.int32"),
-        (lambda: _ext.gather_tokens(src.transpose(1, 2), idx), r"src: expected a contiguous tensor"),
-        (lambda: _ext.gather_tokens(src, idx[:2]), r"idx: expected shape \(B=3, K\) to match src, got shape \(2, 5\)"),
-        (lambda: _ext.gather_tokens(src, idx.int()), r"idx: expected dtype torch.int64"),
-        (lambda: _ext.gather_tokens(src, idx[0]), r"idx: expected a 2-d tensor"),
-        (lambda: _ext.gather_tokens(src, idx.to("meta")), r"idx: expected a tensor on cpu"),
-        (lambda: _ext.gather_tokens(src, idx, out=torch.empty(3, 5, 9)), r"out: expected shape \(3, 5, 8\)"),
-        (lambda: _ext.gather_tokens(src, idx, out=src[:, :5]), r"out: expected a contiguous tensor|out: expected a tensor that does not share memory"),
-        (lambda: _ext.scatter_tokens(kept, idx[:, :4].contiguous(), 20), r"idx: expected shape \(B=3, K=5\) to match src, got shape \(3, 4\)"),
-        (lambda: _ext.scatter_tokens(kept, idx, 4), r"T: expected an int >= K = 5"),
-        (lambda: _ext.scatter_tokens(kept, idx, 20.0), r"T: expected an int"),
-        (lambda: _ext.scatter_tokens(kept, idx, 20, fill[:7]), r"fill: expected a tensor of D = 8 elements"),
-        (lambda: _ext.scatter_tokens(kept, idx, 20, fill.double()), r"fill: expected dtype torch.float32"),
-        (lambda: _ext.scatter_tokens(kept, idx, 20, fill, out=torch.empty(3, 19, 8)), r"out: expected shape \(3, 20, 8\)"),
+        (lambda: _ext.mask_tokens(src[0], idx), r"src: expected a 3-d tensor, got shape \(20, 8\)"),
+        (lambda: _ext.mask_tokens(src.int(), idx), r"src: expected dtype float32, float16, bfloat16, float64, got torch.int32"),
+        (lambda: _ext.mask_tokens(src.transpose(1, 2), idx), r"src: expected a contiguous tensor"),
+        (lambda: _ext.mask_tokens(src, idx[:2]), r"idx: expected shape \(B=3, K\) to match src, got shape \(2, 5\)"),
+        (lambda: _ext.mask_tokens(src, idx.int()), r"idx: expected dtype torch.int64"),
+        (lambda: _ext.mask_tokens(src, idx[0]), r"idx: expected a 2-d tensor"),
+        (lambda: _ext.mask_tokens(src, idx.to("meta")), r"idx: expected a tensor on cpu"),
+        (lambda: _ext.mask_tokens(src, idx, out=torch.empty(3, 5, 9)), r"out: expected shape \(3, 5, 8\)"),
+        (lambda: _ext.mask_tokens(src, idx, out=src[:, :5]), r"out: expected a contiguous tensor|out: expected a tensor that does not share memory"),
+        (lambda: _ext.unmask_tokens(kept, idx[:, :4].contiguous(), 20), r"idx: expected shape \(B=3, K=5\) to match src, got shape \(3, 4\)"),
+        (lambda: _ext.unmask_tokens(kept, idx, 4), r"T: expected an int >= K = 5"),
+        (lambda: _ext.unmask_tokens(kept, idx, 20.0), r"T: expected an int"),
+        (lambda: _ext.unmask_tokens(kept, idx, 20, fill[:7]), r"fill: expected a tensor of D = 8 elements"),
+        (lambda: _ext.unmask_tokens(kept, idx, 20, fill.double()), r"fill: expected dtype torch.float32"),
+        (lambda: _ext.unmask_tokens(kept, idx, 20, fill, out=torch.empty(3, 19, 8)), r"out: expected shape \(3, 20, 8\)"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -258,13 +258,13 @@ def test_wrong_arguments_name_the_argument():
 def test_raw_entry_points_check_their_arguments():
     ext = extension()
     with pytest.raises(ValueError, match=r"unknown dtype code 7"):
-        ext.gather_tokens_cpu(0, 0, 0, 1, 1, 1, 1, 7)
+        ext.mask_tokens_cpu(0, 0, 0, 1, 1, 1, 1, 7)
     with pytest.raises(ValueError, match=r"sizes must be non-negative"):
-        ext.gather_tokens_cpu(0, 0, 0, -1, 1, 1, 1, 0)
+        ext.mask_tokens_cpu(0, 0, 0, -1, 1, 1, 1, 0)
     with pytest.raises(ValueError, match=r"idx is a null pointer"):
-        ext.gather_tokens_cpu(0, 0, 0, 1, 1, 1, 1, 0)
+        ext.mask_tokens_cpu(0, 0, 0, 1, 1, 1, 1, 0)
     with pytest.raises(ValueError, match=r"K = 3 kept tokens cannot exceed T = 2"):
-        ext.scatter_tokens_cpu(0, 0, 0, 0, 1, 2, 3, 1, 0)
+        ext.unmask_tokens_cpu(0, 0, 0, 0, 1, 2, 3, 1, 0)
 
 
 # ------------------------------------------------------------------ CUDA kernels
@@ -283,19 +283,19 @@ def test_cuda_matches_reference(dtype, monkeypatch):
                 buf = torch.empty(src.numel() + offset, dtype=dtype, device="cuda")
                 s = buf[offset:].view(src.shape)
                 s.copy_(src)
-                got = _ext.gather_tokens(s, idx)
+                got = _ext.mask_tokens(s, idx)
                 assert_bitwise_equal(got, gather_ref(s, idx))
                 for f in (None, fill, fill.reshape(1, 1, D)):
-                    assert_bitwise_equal(_ext.scatter_tokens(got, idx, T, f), scatter_ref(got, idx, T, f))
+                    assert_bitwise_equal(_ext.unmask_tokens(got, idx, T, f), scatter_ref(got, idx, T, f))
         src, idx, fill = make_inputs(3, 123, 31, 77, dtype, device="cuda")
         idx[1, 5] = 123
-        gathered = _ext.gather_tokens(src, idx)  # out-of-range: a zero row, nothing out of bounds
+        gathered = _ext.mask_tokens(src, idx)  # out-of-range: a zero row, nothing out of bounds
         assert not gathered[1, 5].view(BITS[dtype]).any()
         monkeypatch.setenv("MICRODIT_CHECK_INDICES", "1")
         with pytest.raises(ValueError, match="outside"):
-            _ext.gather_tokens(src, idx)
+            _ext.mask_tokens(src, idx)
         with pytest.raises(ValueError, match="outside"):
-            _ext.scatter_tokens(gathered, idx, 123, fill)
+            _ext.unmask_tokens(gathered, idx, 123, fill)
     stream.synchronize()
 
 
@@ -313,7 +313,7 @@ def moe_inputs(B, T, E, K, D, dtype, device="cpu", seed=0):
     return idx.to(device), tokens.to(device), blocks.to(device), weight.to(device)
 
 
-def moe_gather_ref(tokens, idx, weight=None):
+def moe_dispatch_ref(tokens, idx, weight=None):
     B = tokens.shape[0]
     rows = tokens[torch.arange(B, device=tokens.device)[:, None, None], idx]  # (B, E, K, D)
     if weight is not None:  # in the kernels' accumulation type, rounded once
@@ -341,19 +341,19 @@ def test_moe_kernels_cpu(shape, dtype):
     b, e, j = torch.meshgrid(torch.arange(B), torch.arange(E), torch.arange(K), indexing="ij")
     expected[b, idx, e] = j.int()
     assert torch.equal(inv, expected)
-    assert_bitwise_equal(_ext.moe_gather(tokens, idx), moe_gather_ref(tokens, idx))
-    assert_bitwise_equal(_ext.moe_gather(tokens, idx, weight), moe_gather_ref(tokens, idx, weight))
+    assert_bitwise_equal(_ext.moe_dispatch(tokens, idx), moe_dispatch_ref(tokens, idx))
+    assert_bitwise_equal(_ext.moe_dispatch(tokens, idx, weight), moe_dispatch_ref(tokens, idx, weight))
     # Sums of up to E products, accumulated in float (double for float64), rounded once.
     tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     for w in (weight, None):
         out = _ext.moe_combine(blocks, inv, w)
         torch.testing.assert_close(out.double(), moe_combine_ref(blocks, idx, w, T), rtol=tol, atol=tol)
     grad = tokens
-    dblocks, dweight = _ext.moe_gather_dot(grad, blocks, idx, weight)
-    assert_bitwise_equal(dblocks, moe_gather_ref(grad, idx, weight))
-    dot = (moe_gather_ref(grad, idx).double() * blocks.double()).sum(-1).transpose(0, 1)
+    dblocks, dweight = _ext.moe_combine_backward(grad, blocks, idx, weight)
+    assert_bitwise_equal(dblocks, moe_dispatch_ref(grad, idx, weight))
+    dot = (moe_dispatch_ref(grad, idx).double() * blocks.double()).sum(-1).transpose(0, 1)
     torch.testing.assert_close(dweight.double(), dot, rtol=tol, atol=tol * max(D, 1) ** 0.5)
-    only_dot = _ext.moe_gather_dot(grad, blocks, idx, weight, need_dblocks=False)
+    only_dot = _ext.moe_combine_backward(grad, blocks, idx, weight, need_dblocks=False)
     assert only_dot[0] is None and torch.equal(only_dot[1], dweight)
 
 
@@ -375,7 +375,7 @@ def test_moe_kernel_errors():
     bad = idx.clone()
     bad[1, 2, 3] = 10
     with pytest.raises(ValueError, match=r"idx\[1, 2, 3\] = 10 is out of range for T = 10"):
-        _ext.moe_gather(tokens, bad)
+        _ext.moe_dispatch(tokens, bad)
     with pytest.raises(ValueError, match=r"idx\[1, 2, 3\] = 10 is out of range"):
         _ext.moe_inverse(bad, 10)
     bad = idx.clone()
@@ -384,12 +384,12 @@ def test_moe_kernel_errors():
         _ext.moe_inverse(bad, 10)
     inv = _ext.moe_inverse(idx, 10)
     cases = [
-        (lambda: _ext.moe_gather(tokens, idx.int()), r"idx: expected dtype torch.int64"),
-        (lambda: _ext.moe_gather(tokens, idx[:1]), r"idx: expected shape \(B=2, E, K\)"),
-        (lambda: _ext.moe_gather(tokens, idx, weight.double()), r"weight: expected shape \(2, 3, 4\) and dtype torch.float32"),
+        (lambda: _ext.moe_dispatch(tokens, idx.int()), r"idx: expected dtype torch.int64"),
+        (lambda: _ext.moe_dispatch(tokens, idx[:1]), r"idx: expected shape \(B=2, E, K\)"),
+        (lambda: _ext.moe_dispatch(tokens, idx, weight.double()), r"weight: expected shape \(2, 3, 4\) and dtype torch.float32"),
         (lambda: _ext.moe_combine(blocks, inv.long()), r"inv: expected an int32 tensor of shape \(B=2, T, E=3\)"),
         (lambda: _ext.moe_combine(blocks, inv[:, :3].contiguous()), r"blocks: expected at most T = 3 slots per expert"),
-        (lambda: _ext.moe_gather_dot(tokens, blocks[:, :1].contiguous(), idx, weight), r"blocks: expected shape \(3, 2, 4, 5\)"),
+        (lambda: _ext.moe_combine_backward(tokens, blocks[:, :1].contiguous(), idx, weight), r"blocks: expected shape \(3, 2, 4, 5\)"),
         (lambda: _ext.moe_inverse(idx, 3), r"T: expected an int >= K = 4"),
     ]
     for call, message in cases:
@@ -439,15 +439,15 @@ def test_moe_kernels_cuda(dtype):
             inv = _ext.moe_inverse(idx, T)
             assert torch.equal(inv.cpu(), _ext.moe_inverse(cpu[0], T))
             for w in (None, weight):
-                assert_bitwise_equal(_ext.moe_gather(tokens, idx, w).cpu(),
-                                     _ext.moe_gather(cpu[1], cpu[0], None if w is None else cpu[3]))
+                assert_bitwise_equal(_ext.moe_dispatch(tokens, idx, w).cpu(),
+                                     _ext.moe_dispatch(cpu[1], cpu[0], None if w is None else cpu[3]))
                 out = _ext.moe_combine(blocks, inv, w)
                 # Same order and accumulation type as the CPU kernel: equal up to FMA contraction.
                 torch.testing.assert_close(out.cpu(), _ext.moe_combine(cpu[2], inv.cpu(), None if w is None else cpu[3]),
                                            rtol=1e-6, atol=1e-6 if dtype != torch.bfloat16 else 1e-2)
                 assert torch.equal(_ext.moe_combine(blocks, inv, w), out)  # deterministic
-            dblocks, dweight = _ext.moe_gather_dot(tokens, blocks, idx, weight)
-            ref_db, ref_dw = _ext.moe_gather_dot(cpu[1], cpu[2], cpu[0], cpu[3])
+            dblocks, dweight = _ext.moe_combine_backward(tokens, blocks, idx, weight)
+            ref_db, ref_dw = _ext.moe_combine_backward(cpu[1], cpu[2], cpu[0], cpu[3])
             assert_bitwise_equal(dblocks.cpu(), ref_db)
             torch.testing.assert_close(dweight.cpu().double(), ref_dw.double(), rtol=1e-4, atol=1e-4 * D ** 0.5)
         h = torch.randn(1000, 77, device="cuda").to(dtype)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import token_mask
+from ..ops.keep_indices import drop_mask, keep_indices
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,14 @@ def loss(model, x0, y, *, mask_ratio: float = 0.0, rnd_normal=None, noise=None, 
     p = mcfg.patch_size
     T = (x0.shape[2] // p) * (x0.shape[3] // p)
     if ids_keep is None and mask_ratio > 0:
-        ids_keep = token_mask.keep_indices(B, T, mask_ratio, x0.device, generator,
+        ids_keep = keep_indices(B, T, mask_ratio, x0.device, generator,
                                            backend=mcfg.backends.get("keep_indices"))
     D_x = denoise(model, x0 + noise * sigma, sigma, y, sigma_data=config.sigma_data, ids_keep=ids_keep)
     err = weight * (D_x - x0) ** 2  # (B, C, H, W)
     if ids_keep is None:
         value = err.mean()
     else:
-        kept = 1.0 - token_mask.drop_mask(ids_keep, T)  # (B, T)
+        kept = 1.0 - drop_mask(ids_keep, T)  # (B, T)
         per_patch = patch_mean(err, p)  # (B, T)
         value = ((per_patch * kept).sum(dim=1) / kept.sum(dim=1)).mean()
     if return_terms:

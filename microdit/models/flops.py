@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..nn.layers import attention_width, moe_hidden, swiglu_hidden
-from ..ops.moe_dispatch import expert_capacity
-from ..ops.token_mask import num_kept
+from ..ops.moe import expert_capacity
+from ..ops.keep_indices import num_kept
 from .config import MicroDiTConfig
 
 

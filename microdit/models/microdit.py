@@ -23,7 +23,11 @@ from ..nn.layers import (
     moe_hidden,
     swiglu_hidden,
 )
-from ..ops import moe_dispatch, token_mask
+from ..ops import moe
+from ..ops.keep_indices import keep_indices, keep_indices_op
+from ..ops.mask_tokens import mask_tokens, mask_tokens_op
+from ..ops.unmask_tokens import unmask_tokens_op
+from ..ops.unmask_unpatchify import unmask_unpatchify, unmask_unpatchify_op
 from .config import MicroDiTConfig
 
 
@@ -102,10 +106,10 @@ class MicroDiT(nn.Module):
             raise ValueError(f"backends name unknown ops {sorted(unknown)} (ops: {', '.join(sorted(ops))})")
         # Resolve each op's backend once, here: an explicit choice that cannot run fails now.
         self.mask_backend = {}
-        for op in (token_mask.keep_indices_op, token_mask.mask_tokens_op, token_mask.unmask_tokens_op,
-                   token_mask.unmask_unpatchify_op):
+        for op in (keep_indices_op, mask_tokens_op, unmask_tokens_op,
+                   unmask_unpatchify_op):
             self.mask_backend[op.name] = op.warm().resolve(cfg.backends.get(op.name))
-        moe_dispatch.moe_op.warm()
+        moe.moe_op.warm()
 
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
@@ -250,12 +254,12 @@ class MicroDiT(nn.Module):
                 x = block(x, y_mixer, c)  # (B, T, Dm)
         T = x.shape[1]
         if ids_keep is None and mask_ratio > 0:
-            ids_keep = token_mask.keep_indices(B, T, mask_ratio, x.device, generator,
+            ids_keep = keep_indices(B, T, mask_ratio, x.device, generator,
                                                backend=self.mask_backend["keep_indices"])
         if ids_keep is not None:
             if ids_keep.dim() != 2 or ids_keep.shape[0] != B or ids_keep.shape[1] > T:
                 raise ValueError(f"ids_keep must be (B={B}, K<={T}); got {tuple(ids_keep.shape)}")
-            x = token_mask.mask_tokens(x, ids_keep, backend=self.mask_backend["mask_tokens"])  # (B, K, Dm)
+            x = mask_tokens(x, ids_keep, backend=self.mask_backend["mask_tokens"])  # (B, K, Dm)
         if cfg.use_patch_mixer:
             x = self.patch_mixer_map_xout(x)  # (B, K, D)
         for block in self.blocks:
@@ -264,9 +268,9 @@ class MicroDiT(nn.Module):
         if ids_keep is not None:
             # Un-mask with mask_token and un-patchify, in one pass where a backend fuses them.
             backend = self.mask_backend["unmask_unpatchify"] or self.mask_backend["unmask_tokens"]
-            if backend is not None and backend not in token_mask.unmask_unpatchify_op.impls:
+            if backend is not None and backend not in unmask_unpatchify_op.impls:
                 backend = None
-            return token_mask.unmask_unpatchify(x, ids_keep, T, self.mask_token, h, w, p, cfg.in_channels,
+            return unmask_unpatchify(x, ids_keep, T, self.mask_token, h, w, p, cfg.in_channels,
                                                 backend=backend)  # (B, C, H, W)
         return self.unpatchify(x, h, w)  # (B, C, H, W)
 

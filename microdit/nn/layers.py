@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import moe_dispatch
+from ..ops import moe
 
 
 def gelu_tanh() -> nn.Module:
@@ -163,12 +163,12 @@ class ExpertChoiceMoE(nn.Module):
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        self.backend = moe_dispatch.moe_op.resolve(backend)
+        self.backend = moe.moe_op.resolve(backend)
 
     def forward(self, x):
-        return moe_dispatch.expert_choice_moe(x, self.gate.weight, self.w1, self.w2, self.capacity,
+        return moe.expert_choice_moe(x, self.gate.weight, self.w1, self.w2, self.capacity,
                                               backend=self.backend)
 
     def extra_repr(self):
         E, d, h = self.w1.shape
-        return f"experts={E}, dim={d}, hidden={h}, capacity={self.capacity}, backend={self.backend or 'auto: ' + moe_dispatch.moe_op.default()}"
+        return f"experts={E}, dim={d}, hidden={h}, capacity={self.capacity}, backend={self.backend or 'auto: ' + moe.moe_op.default()}"

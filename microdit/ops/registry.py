@@ -1,7 +1,7 @@
 """One op, several backends: registration and selection.
 
 Selection order: an explicit `backend=` argument (from the caller or a module's config); the
-`MICRODIT_BACKEND` environment variable (`reference`, or `token_mask=cpp,moe=torch`); else the
+`MICRODIT_BACKEND` environment variable (`reference`, or `mask_tokens=cpp,moe=torch`); else the
 available implementation with the highest priority that supports the inputs. An explicit
 choice that cannot run raises with its reasons; an automatic fallback logs its choice once.
 """

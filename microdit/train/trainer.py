@@ -24,7 +24,7 @@ from ..diffusion import edm
 from ..models.flops import model_flops
 from ..models.microdit import MicroDiT
 from ..models.presets import preset_config
-from ..ops import token_mask
+from ..ops.keep_indices import keep_indices
 from . import distributed
 from .checkpoint import CheckpointManager, TrainCheckpointError, load_checkpoint, resolve_checkpoint
 from .config import TrainConfig
@@ -198,7 +198,7 @@ class Trainer:
         ids = None
         if self.cfg.diffusion.mask_ratio > 0:
             T = self.raw.config.num_tokens
-            ids = token_mask.keep_indices(n, T, self.cfg.diffusion.mask_ratio, self.device, g,
+            ids = keep_indices(n, T, self.cfg.diffusion.mask_ratio, self.device, g,
                                           backend=self.raw.mask_backend["keep_indices"])
         # Rank r holds samples r, r + W, r + 2W, ... of the global micro-batch (the loader's
         # stride), so W ranks see exactly the randomness one process would for the same batch.

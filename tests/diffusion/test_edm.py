@@ -6,7 +6,7 @@ import torch
 
 import microdit
 from microdit import edm
-from microdit.ops import token_mask
+from microdit.ops.keep_indices import keep_indices
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_masked_loss_is_mean_over_kept_patches(model):
     g = torch.Generator().manual_seed(1)
     x0, y = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 5, 32, generator=g)
     rnd, noise = torch.randn(3, 1, 1, 1, generator=g), torch.randn(3, 4, 8, 8, generator=g)
-    keep = token_mask.keep_indices(3, 16, 0.75, generator=g)
+    keep = keep_indices(3, 16, 0.75, generator=g)
     with torch.no_grad():
         loss = edm.loss(model, x0, y, rnd_normal=rnd, noise=noise, ids_keep=keep)
         sigma = (rnd * 1.2 - 0.6).exp()

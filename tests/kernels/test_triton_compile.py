@@ -39,22 +39,22 @@ ARCHS = [90, pytest.param(80, marks=pytest.mark.slow)]
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_token_mask_kernels_compile(arch):
-    from microdit.kernels import token_mask as k
+    from microdit.kernels import keep_indices, mask_tokens, token_rows, unmask_tokens, unmask_unpatchify
 
     f, i32, i64 = "*bf16", "i32", "*i64"
     cases = [
-        (k._gather_kernel, dict(src_ptr=f, ids_ptr=i64, dst_ptr=f, R=i32, T=i32, K=i32, D=i32),
+        (mask_tokens._gather_kernel, dict(src_ptr=f, ids_ptr=i64, dst_ptr=f, R=i32, T=i32, K=i32, D=i32),
          dict(BLOCK_R=16, BLOCK_D=256)),
-        (k._inverse_kernel, dict(ids_ptr=i64, inv_ptr="*i32", R=i32, T=i32, K=i32), dict(BLOCK=1024)),
-        (k._scatter_kernel, dict(src_ptr=f, inv_ptr="*i32", fill_ptr=f, dst_ptr=f, R=i32, T=i32, K=i32, D=i32),
+        (token_rows._inverse_kernel, dict(ids_ptr=i64, inv_ptr="*i32", R=i32, T=i32, K=i32), dict(BLOCK=1024)),
+        (unmask_tokens._scatter_kernel, dict(src_ptr=f, inv_ptr="*i32", fill_ptr=f, dst_ptr=f, R=i32, T=i32, K=i32, D=i32),
          dict(HAS_FILL=True, BLOCK_R=16, BLOCK_D=256)),
-        (k._unmask_image_kernel, dict(src_ptr=f, inv_ptr="*i32", fill_ptr=f, dst_ptr=f, K=i32, T=i32, C=i32, H=i32,
+        (unmask_unpatchify._unmask_image_kernel, dict(src_ptr=f, inv_ptr="*i32", fill_ptr=f, dst_ptr=f, K=i32, T=i32, C=i32, H=i32,
                                       W=i32, GW=i32, F=i32), dict(P=2, HAS_FILL=True, BLOCK_C=4, BLOCK_W=64)),
-        (k._gather_image_kernel, dict(img_ptr=f, ids_ptr=i64, dst_ptr=f, R=i32, K=i32, C=i32, H=i32, W=i32, GW=i32,
+        (unmask_unpatchify._gather_image_kernel, dict(img_ptr=f, ids_ptr=i64, dst_ptr=f, R=i32, K=i32, C=i32, H=i32, W=i32, GW=i32,
                                       F=i32), dict(P=2, BLOCK_R=16, BLOCK_F=16)),
-        (k._dropped_sum_kernel, dict(src_ptr=f, inv_ptr="*i32", out_ptr="*fp32", T=i32, F=i32, C=i32, H=i32, W=i32,
+        (token_rows._dropped_sum_kernel, dict(src_ptr=f, inv_ptr="*i32", out_ptr="*fp32", T=i32, F=i32, C=i32, H=i32, W=i32,
                                      GW=i32), dict(IMAGE=True, P=2, BLOCK_T=64, BLOCK_F=16)),
-        (k._keep_kernel, dict(noise_ptr="*fp32", ids_ptr=i64, T=i32, K=i32), dict(BLOCK_T=128, BLOCK_C=64)),
+        (keep_indices._keep_kernel, dict(noise_ptr="*fp32", ids_ptr=i64, T=i32, K=i32), dict(BLOCK_T=128, BLOCK_C=64)),
     ]
     for fn, sig, const in cases:
         assert compile_for(fn, sig, const, arch).asm["cubin"], fn.__name__
@@ -62,7 +62,7 @@ def test_token_mask_kernels_compile(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_moe_small_kernels_compile(arch):
-    from microdit.kernels import moe_dispatch as k
+    from microdit.kernels import moe as k
 
     f, i32 = "*bf16", "i32"
     cases = [
@@ -92,7 +92,7 @@ def gemm_signature(dtype):
 
 def test_grouped_gemm_compiles_for_h100():
     """Every variant, bf16, the autotuner's first config, sm_90."""
-    from microdit.kernels import moe_dispatch as k
+    from microdit.kernels import moe as k
 
     cfg = k._grouped_gemm_kernel.configs[0]
     for gather, epilogue in VARIANTS:
@@ -108,7 +108,7 @@ def test_grouped_gemm_compiles_for_h100():
 def test_grouped_gemm_smallest_config_fits(arch, dtype, variants):
     """The autotuner's smallest config compiles and fits an A100 (bf16), and float32's IEEE
     products compile for the H100; larger configs that do not fit are skipped at autotuning."""
-    from microdit.kernels import moe_dispatch as k
+    from microdit.kernels import moe as k
 
     gemm = k._grouped_gemm_kernel
     def smem_tiles(c):  # elements of A and B tiles in flight

@@ -1,4 +1,4 @@
-"""The Triton MoE kernels (kernels/moe_dispatch.py) and the `triton` moe backend.
+"""The Triton MoE kernels (kernels/moe.py) and the `triton` moe backend.
 
 Interpreter on the CPU (float32, small odd shapes: it is slow), compiled on a GPU.
 """
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microdit.ops import moe_dispatch as moe
+from microdit.ops import moe
 from tests.kernels.triton_env import DEVICE, DTYPES, reason
 
 pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
@@ -22,9 +22,9 @@ def inputs(B, T, d, h, E, dtype=torch.float64, seed=0, device="cpu"):
 
 
 def kernels():
-    from microdit.kernels import moe_dispatch
+    from microdit.kernels import moe
 
-    return moe_dispatch
+    return moe
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -3,7 +3,11 @@ keep_indices, mask_tokens, unmask_tokens and unmask_unpatchify: exact, forward a
 import pytest
 import torch
 
-from microdit.ops import token_mask as tm
+from microdit.ops.keep_indices import drop_mask, keep_indices, keep_indices_triton_op, num_kept
+from microdit.ops.mask_tokens import mask_tokens
+from microdit.ops.token_rows import dropped_sum_triton, mask_tokens_triton, unmask_tokens_triton
+from microdit.ops.unmask_tokens import unmask_tokens
+from microdit.ops.unmask_unpatchify import gather_image_triton, unmask_unpatchify, unmask_unpatchify_triton
 from tests.kernels.triton_env import DEVICE, DTYPES, reason
 
 pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
@@ -27,19 +31,19 @@ def test_mask_and_unmask_exact(shape, dtype):
     B, T, K, D = shape
     keep = ids(B, T, K)
     x = randn(B, T, D, dtype=dtype, seed=0)
-    out, ref = (tm.mask_tokens(x, keep, backend=b) for b in ("triton", "reference"))
+    out, ref = (mask_tokens(x, keep, backend=b) for b in ("triton", "reference"))
     assert torch.equal(out, ref)
     go = torch.randn_like(out)
     assert torch.equal(torch.autograd.grad(out, x, go)[0], torch.autograd.grad(ref, x, go)[0])
 
     kept = randn(B, K, D, dtype=dtype, seed=1)
     mask_token = randn(1, 1, D, dtype=dtype, seed=2)
-    out, ref = (tm.unmask_tokens(kept, keep, T, mask_token, backend=b) for b in ("triton", "reference"))
+    out, ref = (unmask_tokens(kept, keep, T, mask_token, backend=b) for b in ("triton", "reference"))
     assert torch.equal(out, ref)
     go = torch.randn_like(out)
     (gx, gm), (gx_ref, gm_ref) = (torch.autograd.grad(o, (kept, mask_token), go) for o in (out, ref))
     assert torch.equal(gx, gx_ref)
-    exact = go.double()[tm.drop_mask(keep, T).bool()].sum(0).reshape(gm.shape)
+    exact = go.double()[drop_mask(keep, T).bool()].sum(0).reshape(gm.shape)
     floor = 1e-4 if dtype == torch.float32 else 1e-1
     assert ((gm.double() - exact).abs() <= 2 * (gm_ref.double() - exact).abs() + floor).all()
 
@@ -51,7 +55,7 @@ def test_unmask_unpatchify_exact(grid):
     keep = ids(B, T, K, seed=3)
     x = randn(B, K, p * p * C, dtype=torch.float32, seed=4)
     mask_token = randn(1, 1, p * p * C, dtype=torch.float32, seed=5)
-    out, ref = (tm.unmask_unpatchify(x, keep, T, mask_token, gh, gw, p, C, backend=b) for b in ("triton", "reference"))
+    out, ref = (unmask_unpatchify(x, keep, T, mask_token, gh, gw, p, C, backend=b) for b in ("triton", "reference"))
     assert out.shape == (B, C, gh * p, gw * p) and torch.equal(out, ref)
     go = torch.randn_like(out)
     (gx, gm), (gx_ref, gm_ref) = (torch.autograd.grad(o, (x, mask_token), go) for o in (out, ref))
@@ -61,12 +65,12 @@ def test_unmask_unpatchify_exact(grid):
 
 def test_keep_indices_match_reference():
     """The same noise gives the reference's indices, so they inherit its uniformity (a uniformly
-    random subset in random order, tests/ops/test_token_mask.py)."""
+    random subset in random order, tests/ops/test_keep_indices.py)."""
     for B, T, ratio in ((4, 77, 0.75), (64, 16, 0.5), (3, 256, 0.75)):
         g1, g2 = (torch.Generator(DEVICE).manual_seed(B) for _ in range(2))
-        a = tm.keep_indices(B, T, ratio, device=DEVICE, generator=g1, backend="triton")
-        b = tm.keep_indices(B, T, ratio, device=DEVICE, generator=g2, backend="reference")
-        assert a.shape == (B, tm.num_kept(T, ratio)) and torch.equal(a, b)
+        a = keep_indices(B, T, ratio, device=DEVICE, generator=g1, backend="triton")
+        b = keep_indices(B, T, ratio, device=DEVICE, generator=g2, backend="reference")
+        assert a.shape == (B, num_kept(T, ratio)) and torch.equal(a, b)
 
 
 def test_opcheck():
@@ -75,18 +79,18 @@ def test_opcheck():
     x = randn(B, T, D, dtype=torch.float32, seed=0)
     kept = randn(B, K, D, dtype=torch.float32, seed=1)
     fill = randn(1, 1, D, dtype=torch.float32, seed=2)
-    torch.library.opcheck(tm.gather_tokens_triton, (x, keep))
-    torch.library.opcheck(tm.scatter_tokens_triton, (kept, keep, T, fill))
-    torch.library.opcheck(tm.scatter_tokens_triton, (kept, keep, T, None))
-    torch.library.opcheck(tm.dropped_sum_triton, (x.detach(), keep, T, 1, 1))
+    torch.library.opcheck(mask_tokens_triton, (x, keep))
+    torch.library.opcheck(unmask_tokens_triton, (kept, keep, T, fill))
+    torch.library.opcheck(unmask_tokens_triton, (kept, keep, T, None))
+    torch.library.opcheck(dropped_sum_triton, (x.detach(), keep, T, 1, 1))
     gh, gw, p, C = 3, 5, 2, 3
     keep = ids(2, gh * gw, 6)
     x = randn(2, 6, p * p * C, dtype=torch.float32, seed=3)
     fill = randn(p * p * C, dtype=torch.float32, seed=4)
-    torch.library.opcheck(tm.unmask_unpatchify_triton, (x, keep, gh * gw, fill, gh, gw, p, C))
+    torch.library.opcheck(unmask_unpatchify_triton, (x, keep, gh * gw, fill, gh, gw, p, C))
     img = randn(2, C, gh * p, gw * p, dtype=torch.float32, seed=5)
-    torch.library.opcheck(tm.gather_image_triton, (img, keep, gw, p))
-    torch.library.opcheck(tm.keep_indices_triton_op, (torch.rand(3, 20, device=DEVICE), 5))
+    torch.library.opcheck(gather_image_triton, (img, keep, gw, p))
+    torch.library.opcheck(keep_indices_triton_op, (torch.rand(3, 20, device=DEVICE), 5))
 
 
 def test_under_torch_compile():
@@ -95,8 +99,8 @@ def test_under_torch_compile():
     mt = torch.randn(1, 1, 8, device=DEVICE)
 
     def f(x):
-        kept = tm.mask_tokens(x, keep, backend="triton") * 2
-        return tm.unmask_unpatchify(kept, keep, 16, mt, 4, 4, 2, 2, backend="triton")
+        kept = mask_tokens(x, keep, backend="triton") * 2
+        return unmask_unpatchify(kept, keep, 16, mt, 4, 4, 2, 2, backend="triton")
 
     expected = f(x)
     torch.testing.assert_close(torch.compile(f, backend="aot_eager", fullgraph=True)(x), expected)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import microdit
-from microdit.ops import token_mask
+from microdit.ops.keep_indices import drop_mask, keep_indices
 
 
 def randomised(model):
@@ -27,11 +27,11 @@ def batch(B=2, res=8, L=5, Cy=32, seed=0):
 
 def test_masked_positions_hold_mask_token(model):
     x, t, y = batch()
-    keep = token_mask.keep_indices(2, 16, 0.75, generator=torch.Generator().manual_seed(0))
+    keep = keep_indices(2, 16, 0.75, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(x, t, y, ids_keep=keep)  # (B, C, H, W)
     tokens = out.reshape(2, 4, 4, 2, 4, 2).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 16)  # (row, col, channel)
-    dropped = token_mask.drop_mask(keep, 16).bool()
+    dropped = drop_mask(keep, 16).bool()
     assert torch.equal(tokens[dropped], model.mask_token.reshape(1, 16).expand(int(dropped.sum()), 16))
     assert not torch.equal(tokens[~dropped][0], model.mask_token.reshape(16))
 
@@ -41,7 +41,7 @@ def test_mask_ratio_draws_with_generator(model):
     with torch.no_grad():
         a = model(x, t, y, mask_ratio=0.5, generator=torch.Generator().manual_seed(4))
         b = model(x, t, y, mask_ratio=0.5, generator=torch.Generator().manual_seed(4))
-        keep = token_mask.keep_indices(2, 16, 0.5, generator=torch.Generator().manual_seed(4))
+        keep = keep_indices(2, 16, 0.5, generator=torch.Generator().manual_seed(4))
         c = model(x, t, y, ids_keep=keep)
     assert torch.equal(a, b) and torch.equal(a, c)
 

@@ -6,7 +6,11 @@ import torch
 
 import microdit
 from microdit import edm
-from microdit.ops import moe_dispatch, token_mask
+from microdit.ops import moe
+from microdit.ops.keep_indices import drop_mask
+from microdit.ops.mask_tokens import mask_tokens_op
+from microdit.ops.unmask_tokens import unmask_tokens_op
+from microdit.ops.unmask_unpatchify import unmask_unpatchify_op
 from tests.helpers import available_backends
 from tests.helpers import rel_err as _rel_err
 
@@ -17,9 +21,9 @@ def rel_err(a, b):
 TOL = 1e-5
 COMBOS = [
     {"moe": m, "mask_tokens": k, "unmask_tokens": k, "unmask_unpatchify": k}
-    for m, k in itertools.product(available_backends(moe_dispatch.moe_op),
-                                  available_backends(token_mask.mask_tokens_op))
-    if k in available_backends(token_mask.unmask_tokens_op) and k in available_backends(token_mask.unmask_unpatchify_op)
+    for m, k in itertools.product(available_backends(moe.moe_op),
+                                  available_backends(mask_tokens_op))
+    if k in available_backends(unmask_tokens_op) and k in available_backends(unmask_unpatchify_op)
     # A CPU-only backend (cpp) and a GPU-only one (cuda, triton) cannot share one model's device.
     and not ({m, k} & {"cpp"} and {m, k} & {"cuda", "triton"})
 ]
@@ -82,7 +86,7 @@ def test_forward_mask75(model, reference):
     with torch.no_grad():
         out = model(i["x"], i["t"], i["y"], ids_keep=i["ids_keep"])
     assert rel_err(out, o["forward_mask75"]) < TOL
-    assert torch.equal(token_mask.drop_mask(i["ids_keep"], o["mask75"].shape[1]).cpu(), o["mask75"])
+    assert torch.equal(drop_mask(i["ids_keep"], o["mask75"].shape[1]).cpu(), o["mask75"])
 
 
 @pytest.mark.parametrize("masked", [True, False], ids=["mask75", "full"])

@@ -12,7 +12,7 @@ inv (B, T, E) (each token sums its experts' rows in expert order; no atomics):
   torch   index_select / batched matmuls / index_add_ (atomics on CUDA)
   cpp     microdit._C kernels (OpenMP) between MKL GEMMs; one autograd node for the layer
   cuda    the same kernels on the GPU, between cuBLAS GEMMs
-  triton  kernels/moe_dispatch.py: router, grouped GEMMs with the dispatch and GELU fused
+  triton  kernels/moe.py: router, grouped GEMMs with the dispatch and GELU fused
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def _(idx, num_tokens):
 @torch.library.custom_op("microdit::moe_dispatch", mutates_args=())
 def moe_dispatch_ext(x: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     """(B, T, d), idx (B, E, k) -> (E, B, k, d): every expert's chosen tokens, contiguous."""
-    return _ext.moe_gather(x.contiguous(), idx.contiguous())
+    return _ext.moe_dispatch(x.contiguous(), idx.contiguous())
 
 
 @moe_dispatch_ext.register_fake
@@ -123,7 +123,7 @@ def _(y, gates, idx, inv):
 def moe_combine_backward_ext(grad: torch.Tensor, y: torch.Tensor, gates: torch.Tensor,
                              idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over the gathered gradient rows g = grad[b, idx[b, e, j]]: (gates * g, <g, y>)."""
-    return _ext.moe_gather_dot(grad.contiguous(), y.contiguous(), idx.contiguous(),
+    return _ext.moe_combine_backward(grad.contiguous(), y.contiguous(), idx.contiguous(),
                                gates.to(y.dtype).contiguous())
 
 
@@ -249,14 +249,14 @@ def expert_choice_moe(x, gate_weight, w1, w2, capacity: float, backend=None) -> 
     return moe_op(x, gate_weight, w1, w2, capacity, backend=backend)
 
 
-# ---------------------------------------------------------------- Triton (kernels/moe_dispatch.py)
+# ---------------------------------------------------------------- Triton (kernels/moe.py)
 # The whole layer is one custom op: router softmax + top-k, the dispatch fused into the first
 # grouped GEMM's operand load with the GELU in its epilogue, the second grouped GEMM, and the
 # deterministic combine; its backward is another (the GELU's backward in a GEMM epilogue, the
 # weight gradients as grouped GEMMs over all samples). The forward returns what the backward
 # needs, because a custom op's autograd can save only its inputs and outputs.
 def _triton_kernels():
-    from microdit.kernels import moe_dispatch as kernels  # imports triton: only when used
+    from microdit.kernels import moe as kernels  # imports triton: only when used
 
     return kernels
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microdit.ops import moe_dispatch as moe
+from microdit.ops import moe
 from tests.helpers import available_backends
 
 FAST = [b for b in available_backends(moe.moe_op) if b != "reference"]

@@ -9,7 +9,7 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "moe_dispatch/moe_dispatch.h"
+#include "moe/moe.h"
 
 namespace microdit {
 namespace {
@@ -180,10 +180,10 @@ void moe_inverse_cuda(std::uintptr_t idx, std::uintptr_t inv, std::int64_t B, st
   MICRODIT_CUDA_CHECK(cudaGetLastError(), op);
 }
 
-void moe_gather_cuda(std::uintptr_t tokens, std::uintptr_t idx, std::uintptr_t weight,
+void moe_dispatch_cuda(std::uintptr_t tokens, std::uintptr_t idx, std::uintptr_t weight,
                      std::uintptr_t blocks, std::int64_t B, std::int64_t T, std::int64_t E,
                      std::int64_t K, std::int64_t D, int dtype, std::uintptr_t stream) {
-  constexpr const char* op = "moe_gather_cuda";
+  constexpr const char* op = "moe_dispatch_cuda";
   check_moe_args(op, B, T, E, K, D, dtype);
   if (B * E * K == 0 || D == 0) return;
   MICRODIT_CHECK(tokens != 0 && idx != 0 && blocks != 0, op, ": tokens, idx or blocks is a null pointer");
@@ -200,11 +200,11 @@ void moe_gather_cuda(std::uintptr_t tokens, std::uintptr_t idx, std::uintptr_t w
   MICRODIT_CUDA_CHECK(cudaGetLastError(), op);
 }
 
-void moe_gather_dot_cuda(std::uintptr_t grad, std::uintptr_t blocks, std::uintptr_t idx,
+void moe_combine_backward_cuda(std::uintptr_t grad, std::uintptr_t blocks, std::uintptr_t idx,
                          std::uintptr_t weight, std::uintptr_t dblocks, std::uintptr_t dweight,
                          std::int64_t B, std::int64_t T, std::int64_t E, std::int64_t K,
                          std::int64_t D, int dtype, std::uintptr_t stream) {
-  constexpr const char* op = "moe_gather_dot_cuda";
+  constexpr const char* op = "moe_combine_backward_cuda";
   check_moe_args(op, B, T, E, K, D, dtype);
   if (B * E * K == 0 || (dblocks == 0 && dweight == 0)) return;
   MICRODIT_CHECK(idx != 0, op, ": idx is a null pointer");

@@ -1,7 +1,7 @@
 """Triton kernels of the expert-choice MoE layer, and their launchers.
 
 Launchers (`router_topk_fwd`, `dispatch_gemm_fwd`, ...) are plain functions on tensors, with no
-autograd: microdit/ops/moe_dispatch.py wraps them as torch.library custom ops. Layouts:
+autograd: microdit/ops/moe.py wraps them as torch.library custom ops. Layouts:
 x (B, T, d) tokens; idx (B, E, k) int64 chosen tokens; gates (B, E, k); expert blocks are
 expert-major (E, B*k, .), row b*k + j of expert e being token idx[b, e, j] of sample b; the
 inverse map inv (B, T, E) int32 holds j, or -1 where expert e did not choose token t.
@@ -11,17 +11,12 @@ contributions in expert order, and the GEMMs do not split K. Accumulation is in 
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+from .common import INTERPRET, pow2
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -84,11 +79,11 @@ def router_fwd(logits: torch.Tensor, k: int, dtype: torch.dtype):
     inv = torch.empty(B, T, E, dtype=torch.int32, device=logits.device)
     if B * T * E == 0:
         return probs, gates, idx, inv.fill_(-1)
-    block_e = _pow2(E, 2)
+    block_e = pow2(E, 2)
     block_r = max(16, 4096 // block_e)
     _softmax_kernel[(triton.cdiv(B * T, block_r),)](logits, probs, B * T, E, BLOCK_R=block_r, BLOCK_E=block_e)
-    block_t = min(_pow2(T, 16), 128)
-    block_c = min(_pow2(T, 16), 256 if INTERPRET else 64)
+    block_t = min(pow2(T, 16), 128)
+    block_c = min(pow2(T, 16), 256 if INTERPRET else 64)
     _topk_kernel[(B, E, triton.cdiv(T, block_t))](probs, gates, idx, inv, T, E, k,
                                                  BLOCK_T=block_t, BLOCK_C=block_c)
     return probs, gates, idx, inv
@@ -115,7 +110,7 @@ def router_bwd(probs: torch.Tensor, inv: torch.Tensor, dgates: torch.Tensor) -> 
     """The router's backward from the gates' gradient: dlogits (B, T, E) in probs' dtype."""
     B, T, E = probs.shape
     dlogits = torch.empty_like(probs)
-    block_e = _pow2(E, 2)
+    block_e = pow2(E, 2)
     block_r = max(16, 4096 // block_e)
     if B * T * E:
         _router_bwd_kernel[(triton.cdiv(B * T, block_r),)](probs, inv, dgates.contiguous(), dlogits, B * T, T, E,
@@ -153,7 +148,7 @@ def combine_fwd(y: torch.Tensor, inv: torch.Tensor, gates: torch.Tensor | None, 
     E, BK, D = y.shape
     T = inv.shape[1]
     out = torch.empty(B, T, D, dtype=y.dtype, device=y.device)
-    block_d = min(_pow2(D, 16), 128)
+    block_d = min(pow2(D, 16), 128)
     block_r = 64 if INTERPRET else 16
     if B * T and D:
         _combine_kernel[(triton.cdiv(B * T, block_r), triton.cdiv(D, block_d))](
@@ -193,7 +188,7 @@ def combine_bwd(grad: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gates: t
     _, E, K = idx.shape
     dy = torch.empty_like(y)
     dgates = torch.empty_like(gates)
-    block_r, block_d = (64 if INTERPRET else 16), min(_pow2(D, 16), 128)
+    block_r, block_d = (64 if INTERPRET else 16), min(pow2(D, 16), 128)
     if B * E * K:
         _gather_dot_kernel[(triton.cdiv(E * B * K, block_r),)](
             grad, y, idx, gates, dy, dgates, B, T, E, K, D, BLOCK_R=block_r, BLOCK_D=block_d)

@@ -7,7 +7,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "moe_dispatch/moe_dispatch.h"
+#include "moe/moe.h"
 
 namespace microdit {
 namespace {
@@ -241,10 +241,10 @@ void moe_inverse_cpu(std::uintptr_t idx_addr, std::uintptr_t inv_addr, std::int6
   std::memcpy(inv, map.data(), map.size() * sizeof(std::int32_t));
 }
 
-void moe_gather_cpu(std::uintptr_t tokens, std::uintptr_t idx, std::uintptr_t weight,
+void moe_dispatch_cpu(std::uintptr_t tokens, std::uintptr_t idx, std::uintptr_t weight,
                     std::uintptr_t blocks, std::int64_t B, std::int64_t T, std::int64_t E,
                     std::int64_t K, std::int64_t D, int dtype) {
-  constexpr const char* op = "moe_gather";
+  constexpr const char* op = "moe_dispatch";
   check_moe_args(op, B, T, E, K, D, dtype);
   if (B * E * K == 0) return;
   MICRODIT_CHECK(idx != 0, op, ": idx is a null pointer but B * E * K = ", B * E * K);
@@ -258,11 +258,11 @@ void moe_gather_cpu(std::uintptr_t tokens, std::uintptr_t idx, std::uintptr_t we
   });
 }
 
-void moe_gather_dot_cpu(std::uintptr_t grad, std::uintptr_t blocks, std::uintptr_t idx,
+void moe_combine_backward_cpu(std::uintptr_t grad, std::uintptr_t blocks, std::uintptr_t idx,
                         std::uintptr_t weight, std::uintptr_t dblocks, std::uintptr_t dweight,
                         std::int64_t B, std::int64_t T, std::int64_t E, std::int64_t K,
                         std::int64_t D, int dtype) {
-  constexpr const char* op = "moe_gather_dot";
+  constexpr const char* op = "moe_combine_backward";
   check_moe_args(op, B, T, E, K, D, dtype);
   if (B * E * K == 0) return;
   MICRODIT_CHECK(idx != 0, op, ": idx is a null pointer but B * E * K = ", B * E * K);

@@ -24,14 +24,14 @@ void moe_inverse_cpu(std::uintptr_t idx, std::uintptr_t inv, std::int64_t B, std
                      std::int64_t E, std::int64_t K);
 
 // blocks[e, b, j, :] = weight[b, e, j] * tokens[b, idx[b, e, j], :]   (weight 0: a plain copy).
-void moe_gather_cpu(std::uintptr_t tokens, std::uintptr_t idx, std::uintptr_t weight,
+void moe_dispatch_cpu(std::uintptr_t tokens, std::uintptr_t idx, std::uintptr_t weight,
                     std::uintptr_t blocks, std::int64_t B, std::int64_t T, std::int64_t E,
                     std::int64_t K, std::int64_t D, int dtype);
 
 // The combine's backward, fused: with g = grad[b, idx[b, e, j], :],
 //   dblocks[e, b, j, :] = weight[b, e, j] * g        (skipped when dblocks == 0)
 //   dweight[b, e, j]    = <g, blocks[e, b, j, :]>    (skipped when dweight == 0)
-void moe_gather_dot_cpu(std::uintptr_t grad, std::uintptr_t blocks, std::uintptr_t idx,
+void moe_combine_backward_cpu(std::uintptr_t grad, std::uintptr_t blocks, std::uintptr_t idx,
                         std::uintptr_t weight, std::uintptr_t dblocks, std::uintptr_t dweight,
                         std::int64_t B, std::int64_t T, std::int64_t E, std::int64_t K,
                         std::int64_t D, int dtype);
@@ -55,10 +55,10 @@ void moe_gelu_cpu(std::uintptr_t h, std::uintptr_t d, std::int64_t n, int dtype)
 void moe_inverse_cuda(std::uintptr_t idx, std::uintptr_t inv, std::int64_t B, std::int64_t T,
                       std::int64_t E, std::int64_t K, std::uintptr_t stream,
                       std::uintptr_t status);
-void moe_gather_cuda(std::uintptr_t tokens, std::uintptr_t idx, std::uintptr_t weight,
+void moe_dispatch_cuda(std::uintptr_t tokens, std::uintptr_t idx, std::uintptr_t weight,
                      std::uintptr_t blocks, std::int64_t B, std::int64_t T, std::int64_t E,
                      std::int64_t K, std::int64_t D, int dtype, std::uintptr_t stream);
-void moe_gather_dot_cuda(std::uintptr_t grad, std::uintptr_t blocks, std::uintptr_t idx,
+void moe_combine_backward_cuda(std::uintptr_t grad, std::uintptr_t blocks, std::uintptr_t idx,
                          std::uintptr_t weight, std::uintptr_t dblocks, std::uintptr_t dweight,
                          std::int64_t B, std::int64_t T, std::int64_t E, std::int64_t K,
                          std::int64_t D, int dtype, std::uintptr_t stream);

@@ -1,0 +1,102 @@
+"""What the op benchmarks (benches/bench_<op>.py) share: GPU timing by CUDA events, the backends
+to time, the forward / backward / both measurement, and the JSON summary per benchmark file."""
+import json
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+from benches.conftest import device_name, git_commit, sync
+from microdit import availability
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cuda_event_ms(fn) -> float:
+    """Median milliseconds of fn() on the current CUDA stream, by CUDA events."""
+    tri = availability.triton()
+    if tri:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median"))
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """This GPU's dense bf16 matmul rate (torch.matmul, n x n x n), TFLOP/s."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n**3 / (cuda_event_ms(lambda: a @ b) / 1e3) / 1e12
+
+
+class ResultLog:
+    """Collects one dict per benchmark and writes benches/results/<name>-<device>.json, with the
+    ratio of each backend's time to the reference backend's, measured in the same run."""
+
+    def __init__(self, name: str):
+        self.name, self.rows = name, []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def write(self, key: tuple[str, ...], metric: str = "ms") -> None:
+        tri = availability.triton()
+        for device in sorted({r["device"] for r in self.rows}):
+            rows = [dict(r) for r in self.rows if r["device"] == device]
+            ref = {tuple(r[k] for k in key): r[metric] for r in rows if r["backend"] == "reference"}
+            for r in rows:
+                base = ref.get(tuple(r[k] for k in key))
+                if base:
+                    r["speedup_vs_reference"] = base / r[metric]
+            RESULTS.mkdir(exist_ok=True)
+            meta = dict(device=device_name(device), python=platform.python_version(), torch=torch.__version__,
+                        triton=getattr(tri, "__version__", None), commit=git_commit(), threads=torch.get_num_threads())
+            path = RESULTS / f"{self.name}-{device}.json"
+            path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+
+
+def runnable_backends(op) -> list[str]:
+    """The backends of `op` that can run on this machine."""
+    return [n for n, _, r in op.table() if not r]
+
+
+def skip_unless_runs_here(backend: str, device: str) -> None:
+    runs_on = {"cuda": "cuda", "cpp": "cpu"}.get(backend, device)
+    if runs_on != device:
+        pytest.skip(f"backend {backend} runs on {runs_on}")
+    if backend == "triton" and device == "cpu":
+        pytest.skip("Triton on the CPU is the interpreter: a correctness tool, not a benchmark")
+
+
+def time_passes(benchmark, device: str, fn, inputs, go, passes: str, rounds: int, warmup_rounds: int) -> float:
+    """Seconds of `passes` ("forward", "backward" or "both") of fn() with respect to `inputs`
+    under output gradient `go`: pytest-benchmark's minimum on the CPU, CUDA-event medians on a
+    GPU (backward = both - forward)."""
+    if passes == "backward":
+        def run(out):
+            torch.autograd.grad(out, inputs, go)
+            sync(device)
+        benchmark.pedantic(run, setup=lambda: ((fn(),), {}), rounds=rounds, warmup_rounds=warmup_rounds)
+    else:
+        def run():
+            out = fn()
+            if passes == "both":
+                torch.autograd.grad(out, inputs, go)
+            sync(device)
+        benchmark.pedantic(run, rounds=rounds, warmup_rounds=warmup_rounds)
+    if device != "cuda":
+        return benchmark.stats.stats.min
+    both = lambda: torch.autograd.grad(fn(), inputs, go)
+    ms = {"forward": lambda: cuda_event_ms(fn), "both": lambda: cuda_event_ms(both),
+          "backward": lambda: cuda_event_ms(both) - cuda_event_ms(fn)}[passes]()
+    return ms / 1e3
