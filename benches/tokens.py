@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
-from benches.common import ResultLog, skip_unless_runs_here, time_passes
-from microdit.ops.keep_indices import keep_indices
-from microdit.ops.mask_tokens import mask_tokens
-from microdit.ops.unmask_tokens import unmask_tokens
-from microdit.ops.unmask_unpatchify import unmask_unpatchify
+from benches.common import ResultLog, runnable_backends, skip_unless_runs_here, time_passes
+from microdit.ops.keep_indices import keep_indices, keep_indices_op
+from microdit.ops.mask_tokens import mask_tokens, mask_tokens_op
+from microdit.ops.unmask_tokens import unmask_tokens, unmask_tokens_op
+from microdit.ops.unmask_unpatchify import unmask_unpatchify, unmask_unpatchify_op
 
 SHAPES = {"256px": (8, 256, 256, 64), "512px": (2, 32, 1024, 256)}  # B cpu, B gpu, T, K
 D_MIXER, PATCH, CHANNELS = 768, 2, 4
@@ -71,3 +71,25 @@ def bench_token_op(benchmark, device, shape, op, backend, passes, log, copy_gbps
         info.update(copy_gb_per_s=copy_gbps, fraction_of_copy=gbps / copy_gbps)
     benchmark.extra_info.update(info)
     log.add(info)
+
+
+OPS = {"keep_indices": keep_indices_op, "mask": mask_tokens_op, "unmask": unmask_tokens_op,
+       "unmask_unpatchify": unmask_unpatchify_op}
+
+
+def token_bench(op: str, results: str):
+    """The test function and `log` fixture of benches/bench_<results>.py, timing token op `op`
+    on every runnable backend, shape and pass; the summary goes to results/<results>-<device>.json."""
+
+    @pytest.fixture(scope="module", name="log")
+    def log():
+        yield from result_log(results)
+
+    @pytest.mark.parametrize("passes", ["forward"] if op == "keep_indices" else PASSES)
+    @pytest.mark.parametrize("backend", runnable_backends(OPS[op]))
+    @pytest.mark.parametrize("shape", list(SHAPES))
+    def test(benchmark, device, shape, backend, passes, log, copy_gbps):
+        bench_token_op(benchmark, device, shape, op, backend, passes, log, copy_gbps)
+
+    test.__name__ = test.__qualname__ = f"test_{results}"
+    return test, log
