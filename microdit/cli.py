@@ -40,7 +40,8 @@ SUBCOMMAND_MODULES: list[str] = ["microdit.data.prepare", "microdit.train.cli", 
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    p = argparse.ArgumentParser(prog="microdit", description=__doc__)
+    p = argparse.ArgumentParser(prog="microdit", description=__doc__,
+                                epilog="--debug (anywhere on the line) shows the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
@@ -56,7 +57,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _expected_errors() -> dict:
+    """Exception types a user can cause and act on -> the hint printed after their message."""
+    from .data.prepare import PrepareError
+    from .data.shards import ShardError
+    from .models.checkpoint import CheckpointError
+    from .ops.registry import BackendError
+    from .train.checkpoint import TrainCheckpointError
+    from .train.config import ConfigError
+    from .train.runlock import RunLockError
+    from .train.trainer import NonFiniteLossError
+
+    return {
+        TrainCheckpointError: "pass another checkpoint (a .pt file or a training --out directory)",
+        CheckpointError: "pass a checkpoint in the published MicroDiT format",
+        ShardError: "re-create the dataset with `microdit prepare`",
+        PrepareError: "see `microdit prepare --help`",
+        ConfigError: "see `microdit train --help` and the dataclasses in microdit/train/config.py",
+        RunLockError: "wait for that run, or choose another --out",
+        NonFiniteLossError: "lower optim.lr or check the data; resume from the last checkpoint with --resume",
+        BackendError: "`microdit info` lists every backend and why it cannot run",
+        OSError: "check the path, its permissions and the free space",
+    }
+
+
+def _own_error(e: BaseException) -> bool:
+    """A ValueError or TypeError raised by microdit itself: a deliberate message about bad input."""
+    import traceback
+    from pathlib import Path
+
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+
+
+def _message(e: BaseException, hint: str | None) -> str:
+    import errno
+
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"no space left on device{where}; free space or write to another --out (the last checkpoint is intact)"
+    msg = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.strerror:
+        msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    if hint and hint not in msg and "`microdit" not in msg:
+        msg = f"{msg}; {hint}"
+    return msg
+
+
 def main(argv=None) -> int:
+    """Run the command; expected errors print `microdit: error: ...` (the traceback with --debug)."""
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MICRODIT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come anywhere on the line, also after an option.
@@ -65,7 +119,15 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except Exception as e:
+        hints = _expected_errors()
+        kind = next((t for t in hints if isinstance(e, t)), None)
+        if debug or (kind is None and not (isinstance(e, (ValueError, TypeError)) and _own_error(e))):
+            raise
+        print(f"microdit: error: {_message(e, hints.get(kind))} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -266,8 +266,12 @@ def _recorded_encoders(checkpoint) -> dict:
 
 
 def _is_training_checkpoint(path: Path, fmt: str) -> bool:
+    from .train.checkpoint import UnsafeCheckpointError, safe_load
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state = safe_load(path)  # weights-only: a planted pickle raises, it never runs
+    except UnsafeCheckpointError:
+        raise
     except Exception:
         return False
     return isinstance(state, dict) and state.get("format") == fmt
@@ -341,7 +345,7 @@ def cmd_export(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .train.cli import add_sampling_args
+    from .train.cli import add_sampling_args, positive_int
 
     p = sub.add_parser("generate", aliases=["sample"], help="images from prompts (a published checkpoint, "
                        "a save_pretrained folder or hub id, or a training run)")
@@ -349,11 +353,11 @@ def add_parser(sub) -> None:
                    "checkpoint or a training output directory (its latest)")
     p.add_argument("prompts", nargs="+", metavar="PROMPT")
     p.add_argument("--out", required=True, help="directory for <prompt>_<k>.png and grid.png")
-    p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--num-per-prompt", type=positive_int, default=1)
     p.add_argument("--vae", help="image codec: a diffusers AutoencoderKL folder or hub id, or pixels[:F] "
                    "(default: the recorded one, or the published one for the model's latent channels)")
     p.add_argument("--text-encoder", help="text encoder spec (default: the recorded one, or the published DFN5B CLIP)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--ema", action="store_true", help="a training run's EMA weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

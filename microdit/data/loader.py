@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from .shards import ShardDataset
+from .shards import ShardDataset, ShardVerifier
 
 _MASK64 = (1 << 64) - 1
 
@@ -205,8 +205,17 @@ class ShardLoader(PlannedLoader):
     def __init__(self, root, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  resolution: int | None = None, caption_dropout: float = 0.0, num_workers: int = 0,
                  drop_last: bool = True, shuffle: bool = True, pin_memory: bool = False,
-                 prefetch_factor: int = 2, verify: bool = False):
-        self.dataset = root if isinstance(root, ShardDataset) else open_dataset(root, resolution, verify=verify)
+                 prefetch_factor: int = 2, verify: bool | str = "background"):
+        # verify: "background" (sha256 of every shard in a thread; each batch is handed out only once
+        # its shards are verified, and a bad shard found anywhere stops the next batch), True or
+        # "open" (all checked here, before returning), False or "off" (header and count checks only,
+        # for datasets too large to hash on every run). MDS folders record no sha256: their own checks.
+        mode = {True: "open", False: "off"}.get(verify, verify)
+        if mode not in ("background", "open", "off"):
+            raise ValueError(f"verify must be 'background', 'open' or 'off' (or True / False), got {verify!r}")
+        self.dataset = root if isinstance(root, ShardDataset) else open_dataset(root, resolution, verify=mode == "open")
+        hashed = all("sha256" in s for s in self.dataset.shards)
+        self._verifier = ShardVerifier(self.dataset) if mode == "background" and hashed else None
         self.plan = BatchPlan(len(self.dataset), batch_size, rank, world_size, seed, shuffle, drop_last,
                               caption_dropout)
         if num_workers < 0:
@@ -222,6 +231,8 @@ class ShardLoader(PlannedLoader):
         if self._iter is None:
             self._iter = self._batches(self._position)
         batch = next(self._iter)
+        if self._verifier is not None:  # in this process, whichever worker read the batch
+            self._verifier.require(self.dataset.shards_of(batch["index"]))
         self._position += 1
         return batch
 

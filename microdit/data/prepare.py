@@ -272,8 +272,11 @@ def prepare(source, out, resolutions: Sequence[int] | None = None, codec="pixels
     min_size = default_min_size(resolutions) if min_size is None else int(min_size)
     workers = default_workers() if workers is None else int(workers)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     refs = src.refs()
+    if not refs:
+        raise PrepareError(f"source {source} holds no images (found nothing to prepare: {src.describe()}); "
+                           "point it at a folder of images with captions, a manifest or webdataset tars")
+    out.mkdir(parents=True, exist_ok=True)
     # The listing decides which item lands in which shard: a folder that gained or lost files
     # since the first run must not be resumed into shards made from the old listing.
     digest = hashlib.sha256()
@@ -328,6 +331,10 @@ def prepare(source, out, resolutions: Sequence[int] | None = None, codec="pixels
                     bar.update(len(ranges[j]))
         finally:
             bar.close()
+        if not any(metas[j]["keys"] for j in range(n_shards)):
+            reasons = [x["reason"] for j in range(n_shards) for x in metas[j]["skipped"]][:3]
+            raise PrepareError(f"source {source}: none of its {len(refs)} items is usable, all were skipped "
+                               f"(first reasons: {'; '.join(reasons)}); no dataset was written to {out}")
         index = _write_index(out, recorded, resolutions, paths, metas, shas, code)
     skipped_items = [s for j in range(n_shards) for s in metas[j]["skipped"]]
     seconds = time.perf_counter() - t0

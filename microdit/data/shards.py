@@ -32,6 +32,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -209,6 +210,73 @@ def _to_float32(arr: np.ndarray, code: str) -> torch.Tensor:
     return torch.empty(t.shape, dtype=torch.float32).copy_(t)
 
 
+class ShardVerifier:
+    """sha256 of every shard of a dataset, in a background thread, so that hashing a large dataset
+    overlaps training instead of delaying it.
+
+    `require(shards)` returns once those shards are verified, hashing any not yet started in the
+    calling thread (so the first batch waits only for its own shards), and raises the first
+    ChecksumError found so far by anyone, so corrupt data is reported before any batch from it
+    is trained on, and as soon as it is found.
+    """
+
+    _PENDING, _RUNNING, _DONE = 0, 1, 2
+
+    def __init__(self, dataset: "ShardDataset", background: bool = True):
+        self.dataset = dataset
+        n = len(dataset.shards)
+        self._state = [self._PENDING] * n
+        self._errors: dict[int, ShardError] = {}
+        self._cv = threading.Condition()
+        self._thread = None
+        if background and n:
+            self._thread = threading.Thread(target=self._run, name="microdit-shard-sha256", daemon=True)
+            self._thread.start()
+
+    def _claim(self, j: int) -> bool:
+        with self._cv:
+            if self._state[j] != self._PENDING:
+                return False
+            self._state[j] = self._RUNNING
+            return True
+
+    def _hash(self, j: int) -> None:
+        error = None
+        try:
+            self.dataset.verify_shard(j)
+        except (ShardError, OSError) as e:
+            error = e if isinstance(e, ShardError) else ShardError(f"shard {self.dataset.shards[j]['file']}: {e}")
+        with self._cv:
+            self._state[j] = self._DONE
+            if error is not None:
+                self._errors[j] = error
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        for j in range(len(self._state)):
+            if self._errors:
+                return
+            if self._claim(j):
+                self._hash(j)
+
+    def require(self, shards) -> None:
+        """Block until `shards` are verified; ChecksumError for the first bad shard found so far."""
+        shards = list(shards)
+        for j in shards:
+            if self._claim(j):
+                self._hash(j)
+        with self._cv:
+            self._cv.wait_for(lambda: all(self._state[j] == self._DONE for j in shards) or bool(self._errors))
+            if self._errors:
+                raise self._errors[min(self._errors)]
+
+    @property
+    def done(self) -> bool:
+        """Whether every shard has been verified."""
+        with self._cv:
+            return all(st == self._DONE for st in self._state)
+
+
 class ShardDataset:
     """Random access to a prepared dataset: item i -> latents, caption states/mask, caption, key."""
 
@@ -237,6 +305,7 @@ class ShardDataset:
         self._open: dict[int, dict] = {}
         self._captions: list[str] | None = None
         self._keys: list[str] | None = None
+        self._check_headers()
         if verify:
             self.verify()
 
@@ -253,13 +322,59 @@ class ShardDataset:
         state["_open"] = {}
         return state
 
+    def _check_headers(self) -> None:
+        """The cheap checks, always run on open: each shard's size, tensors, per-sample shapes and dtypes,
+        and its sample, key and caption counts against index.json (headers only, no tensor data read).
+
+        A shard holding more samples than the index says would be read past its end; one holding
+        fewer would silently drop samples and misalign keys and captions."""
+        specs = self.metadata["tensors"]
+        captions, keys = [], []
+        for s in self.shards:
+            path, n = self.root / s["file"], int(s["samples"])
+            header, meta, _ = read_header(path)
+            if "bytes" in s and os.path.getsize(path) != int(s["bytes"]):
+                raise ShardError(f"shard {path} has {os.path.getsize(path)} bytes, index.json records {s['bytes']}; "
+                                 "re-create it with `microdit prepare`")
+            for name in (self.latents_name, "caption_states", "caption_mask"):
+                e = header.get(name)
+                if e is None:
+                    raise ShardError(f"shard {path} has no tensor {name!r}")
+                want = [n] + list(specs[name]["shape"]) if name in specs else None
+                if want is not None and (list(e["shape"]) != want or e["dtype"] != specs[name]["dtype"]):
+                    raise ShardError(f"shard {path}: tensor {name!r} is {e['dtype']} {list(e['shape'])}, index.json "
+                                     f"records {n} samples of {specs[name]['dtype']} {list(specs[name]['shape'])}; "
+                                     "re-create it with `microdit prepare`")
+            texts = {}
+            for field in ("captions", "keys"):
+                try:
+                    texts[field] = json.loads(meta.get(field, "[]"))
+                except ValueError:
+                    raise ShardError(f"shard {path}: its {field} metadata is not valid JSON") from None
+                if len(texts[field]) != n:
+                    raise ShardError(f"shard {path} holds {len(texts[field])} {field}, index.json records {n} "
+                                     "samples; re-create it with `microdit prepare`")
+            captions.extend(texts["captions"])
+            keys.extend(texts["keys"])
+        self._captions, self._keys = captions, keys
+
+    def verify_shard(self, j: int) -> None:
+        """Check shard j's sha256 against index.json; ChecksumError names the shard."""
+        s = self.shards[j]
+        actual = file_sha256(self.root / s["file"])
+        if actual != s["sha256"]:
+            raise ChecksumError(f"shard {self.root / s['file']} fails its checksum: sha256 {actual}, "
+                                f"index.json records {s['sha256']}; re-create it with `microdit prepare`")
+
     def verify(self) -> None:
         """Check every shard's sha256 against index.json; ChecksumError names the first bad one."""
-        for s in self.shards:
-            actual = file_sha256(self.root / s["file"])
-            if actual != s["sha256"]:
-                raise ChecksumError(f"shard {self.root / s['file']} fails its checksum: sha256 {actual}, "
-                                    f"index.json records {s['sha256']}; re-create it with `microdit prepare`")
+        for j in range(len(self.shards)):
+            self.verify_shard(j)
+
+    def shards_of(self, indices) -> list[int]:
+        """The shards that hold samples `indices`."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1) % max(len(self), 1)
+        return np.unique(np.searchsorted(self.offsets, idx, side="right") - 1).tolist()
 
     def _shard(self, j: int) -> dict:
         """name -> (memory-mapped storage array, dtype code) of shard j, opened once per process."""

@@ -76,9 +76,15 @@ def center_crop_resize(image: Image.Image, resolution: int) -> np.ndarray:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with any alpha composited on white (transparent logos must not turn black)."""
+    """RGB with any alpha composited on white (transparent logos must not turn black); 16-bit
+    grayscale scaled to 8 bits (PIL's convert would clip every value above 255 to white)."""
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # Mode I is what 16-bit PNG/TIFF grayscale decodes to on some PIL versions: 0..65535 too.
+        wide = np.asarray(image, dtype=np.float64)
+        gray = np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

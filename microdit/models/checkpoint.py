@@ -31,13 +31,19 @@ def _is_dit_key(key: str) -> bool:
     return key.split(".", 1)[0] in _TOP
 
 
-def _read(path: Path) -> Mapping:
+def read(path) -> Mapping:
+    """The raw contents of a published-format file (.safetensors, or a torch pickle read weights-only)."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {path} as safetensors: {e}") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
@@ -135,7 +141,7 @@ def load_reference(source, config: Mapping | MicroDiTConfig | None = None, *, st
                    backends: Mapping[str, str] | None = None) -> MicroDiT:
     """A MicroDiT with the weights of a published-format checkpoint (path or state dict)."""
     name = str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
-    obj = _read(Path(source)) if isinstance(source, (str, os.PathLike)) else source
+    obj = read(source) if isinstance(source, (str, os.PathLike)) else source
     sd = extract_state_dict(obj, name)
     if config is None:
         cfg = infer_config(sd, name)
@@ -154,6 +160,9 @@ def load_reference(source, config: Mapping | MicroDiTConfig | None = None, *, st
         if tuple(sd[key].shape) != tuple(ref.shape):
             raise CheckpointError(f"{name}: tensor {key!r} has shape {tuple(sd[key].shape)}, "
                                   f"expected {tuple(ref.shape)} for this config")
+        if not sd[key].dtype.is_floating_point:  # int, bool or complex weights are not a MicroDiT's
+            raise CheckpointError(f"{name}: tensor {key!r} has dtype {sd[key].dtype}, expected a floating-point "
+                                  "dtype (float32, float16 or bfloat16)")
     extra = sorted(set(sd) - set(expected))
     if extra and strict:
         raise CheckpointError(f"{name}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all) "

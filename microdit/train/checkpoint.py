@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -22,14 +23,43 @@ class TrainCheckpointError(RuntimeError):
     """A training checkpoint that cannot be used; the message names the file and the problem."""
 
 
+class UnsafeCheckpointError(TrainCheckpointError):
+    """A file that would run code when unpickled: refused, never skipped past or loaded another way."""
+
+
+class _Writer:
+    """A file that remembers the OSError of a failed write: torch.save reports a full disk only as
+    `unexpected pos`, so the real cause (ENOSPC, EIO, ...) is kept here and raised instead."""
+
+    def __init__(self, f, path: Path):
+        self.f, self.path, self.error = f, path, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = None
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            writer = _Writer(f, tmp)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        cause = writer.error if writer is not None and writer.error is not None else e
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, f"{cause.strerror or cause}", str(path)) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -75,16 +105,36 @@ class CheckpointManager:
         for path in candidates:
             try:
                 return load_checkpoint(path), path
+            except UnsafeCheckpointError:
+                raise  # a planted file is reported, not skipped in favour of an older one
             except TrainCheckpointError as e:
                 log.warning("skipping unusable checkpoint: %s", e)
         return None
+
+
+def safe_load(path):
+    """`torch.load` of tensors and plain data only; a file that would run code raises UnsafeCheckpointError.
+
+    We write nothing else (RNG states are stored as tensors), so anything else is a foreign or
+    planted file and is never unpickled. Other failures (truncation, not a torch file) propagate.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it calls or builds {found.group(1)}" if found else "it holds Python objects, not only tensors and data"
+        raise UnsafeCheckpointError(
+            f"{path}: refused to unpickle ({what}); "
+            "microdit never writes such a file, so it is foreign or tampered with: do not load it") from None
 
 
 def load_checkpoint(path) -> dict:
     """Read a training checkpoint; a truncated or foreign file raises TrainCheckpointError naming it."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = safe_load(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:
         raise TrainCheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -1,6 +1,7 @@
 """`microdit train` and `microdit eval` (`microdit generate`, alias `sample`, is in microdit/pipeline.py)."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -60,7 +61,8 @@ def cmd_train(args) -> int:
         loader = ShardLoader(root, cfg.train.micro_batch, rank=info.rank, world_size=info.world_size,
                              seed=cfg.train.seed, resolution=cfg.data.resolution,
                              caption_dropout=cfg.data.caption_dropout, num_workers=cfg.data.num_workers,
-                             pin_memory=info.device.type == "cuda")
+                             pin_memory=info.device.type == "cuda",
+                             verify="background" if cfg.data.verify_checksums else "off")
         trainer = Trainer(cfg, loader, data_info_from(loader.dataset), dist_info=info, resume=args.resume)
         summary = trainer.run()
         if info.is_main:
@@ -74,12 +76,13 @@ def load_for_sampling(checkpoint, use_ema: bool, device):
     """(model, data_info) from a training checkpoint file or output directory."""
     from ..models.config import MicroDiTConfig
     from ..models.microdit import MicroDiT
-    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .checkpoint import TrainCheckpointError, load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path)
     if use_ema and not state.get("ema"):
-        raise ValueError(f"{path}: --ema asked for, but this run kept no EMA (ema.enabled was false)")
+        raise TrainCheckpointError(f"{path}: --ema asked for, but this run kept no EMA (ema.enabled was false); "
+                                   "sample without --ema")
     weights = state["ema"]["shadow"] if use_ema else state["model"]
     model = MicroDiT(MicroDiTConfig.from_dict(state["model_config"]))
     model.load_state_dict(weights)
@@ -141,6 +144,17 @@ def _logging(main: bool) -> None:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 images per prompt or 0 sampling steps is a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a MicroDiT (works under torchrun)")
     p.add_argument("--config", default="demo", help="a shipped config (demo, phase1..phase4) or a YAML path")
@@ -154,7 +168,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="ShapesEval of a model trained on shapes")
     p.add_argument("checkpoint", help="a checkpoint file or a training output directory (its latest)")
     p.add_argument("--out", required=True, help="the JSON report to write")
-    p.add_argument("--num", type=int, default=120, help="evaluation prompts")
+    p.add_argument("--num", type=positive_int, default=120, help="evaluation prompts")
     p.add_argument("--details", action="store_true", help="include per-prompt details")
     add_sampling_args(p)
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
@@ -163,7 +177,7 @@ def add_parser(sub) -> None:
 
 def add_sampling_args(p) -> None:
     """--steps, --guidance, --seed, --device: shared by `generate` (alias `sample`) and `eval`."""
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=positive_int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

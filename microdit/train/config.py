@@ -3,10 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key, the value and the type."""
 
 
 def _config_dir() -> Path:
@@ -32,6 +39,9 @@ class DataSection:
     caption_len: int = 77  # caption tokens (the text encoder pads or truncates to this)
     num_workers: int = 0
     caption_dropout: float = 0.1
+    # sha256 of every shard, checked in a background thread; a batch is trained on only once its
+    # shards are verified. false: header and sample-count checks only (datasets too large to hash).
+    verify_checksums: bool = True
 
 
 @dataclass
@@ -112,27 +122,98 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _merge(obj, values: dict, where: str):
-    """Set dataclass fields from a dict, recursing into sections; unknown keys are errors."""
+# YAML 1.1 (PyYAML) reads `1e-4` and `.5e3` as strings; a number field accepts any float spelling.
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?(inf|nan)$", re.IGNORECASE)
+
+
+def _coerce(value, hint, where: str):
+    """`value` as the dataclass field type `hint` (str, int, float, bool, tuple, list, dict, X | None)."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+
+    def bad(expected: str):
+        return ConfigError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("a boolean (true or false)")
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            return float(value)
+        raise bad("a number")
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            value = float(value)
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            return int(value)  # 1e3 steps
+        if isinstance(value, int):
+            return value
+        raise bad("an integer")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a path or name that YAML read as a number, e.g. out=2024
+        raise bad("a string")
+    if hint in (tuple, list):
+        if isinstance(value, (list, tuple)):
+            return hint(value)
+        raise bad("a list, e.g. [a, b]")
+    if hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise bad("a mapping")
+    return value
+
+
+def _merge(obj, values: dict, source: str, prefix: str = ""):
+    """Set dataclass fields from a dict, recursing into sections; unknown keys and wrong types are errors."""
     names = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
     for key, value in values.items():
+        where = f"{source}: {prefix}{key}"
         if key not in names:
-            raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(names)})")
+            raise ConfigError(f"{source}: unknown key {key!r} in {prefix.rstrip('.') or 'the top level'} "
+                              f"(known: {', '.join(names)})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"{where}.{key}: expected a mapping, got {value!r}")
-            _merge(current, value, f"{where}.{key}")
+                raise ConfigError(f"{where}: expected a mapping of its settings, got {value!r}")
+            _merge(current, value, source, f"{prefix}{key}.")
         elif isinstance(current, dict) and isinstance(value, dict):
             setattr(obj, key, {**current, **value})  # dict settings merge key by key
         else:
-            if isinstance(current, tuple) and isinstance(value, list):
-                value = tuple(value)
-            setattr(obj, key, value)
+            setattr(obj, key, _coerce(value, hints[key], where))
 
 
 def _parse_value(text: str):
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # not YAML (say `a: b: c`): the string itself, checked against the field's type
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:  # a stream, so that YAML's messages name the file
+            values = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(values).__name__}")
+    return values
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -154,16 +235,16 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     cfg = TrainConfig()
     if name_or_path:
         path = resolve_config_path(name_or_path)
-        values = yaml.safe_load(path.read_text()) or {}
-        chain = [values]
-        while "base" in chain[-1]:
-            chain.append(yaml.safe_load(resolve_config_path(chain[-1].pop("base")).read_text()) or {})
-        for v in reversed(chain):
-            _merge(cfg, v, str(path))
+        chain = [(path, _load_yaml(path))]
+        while "base" in chain[-1][1]:
+            base = resolve_config_path(chain[-1][1].pop("base"))
+            chain.append((base, _load_yaml(base)))
+        for where, v in reversed(chain):
+            _merge(cfg, v, str(where))
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ConfigError(f"override {item!r} is not key=value")
         *sections, leaf = key.strip().split(".")
         nested: dict = {leaf: _parse_value(text)}
         for s in reversed(sections):
@@ -173,20 +254,54 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     return cfg
 
 
+# Range of each numeric setting: (low, high, low inclusive, high inclusive); None is unbounded.
+_RANGES = {
+    "data.num": (1, None, True, True), "data.resolution": (1, None, True, True),
+    "data.caption_len": (1, None, True, True), "data.num_workers": (0, None, True, True),
+    "data.caption_dropout": (0, 1, True, True),
+    "optim.lr": (0, None, False, True), "optim.eps": (0, None, False, True),
+    "optim.weight_decay": (0, None, True, True), "optim.moe_lr_factor": (0, None, True, True),
+    "optim.warmup_steps": (0, None, True, True), "optim.min_lr_ratio": (0, 1, True, True),
+    "optim.grad_clip": (0, None, False, True),
+    "diffusion.P_std": (0, None, False, True), "diffusion.sigma_data": (0, None, False, True),
+    "ema.decay": (0, 1, True, True), "ema.start_step": (0, None, True, True),
+    "train.steps": (1, None, True, True), "train.global_batch": (1, None, True, True),
+    "train.micro_batch": (1, None, True, True), "train.log_every": (1, None, True, True),
+    "train.ckpt_every": (0, None, True, True), "train.keep_checkpoints": (0, None, True, True),
+    "train.sample_every": (0, None, True, True), "train.sample_steps": (1, None, True, True),
+    "train.max_bad_steps": (1, None, True, True),
+}
+
+
+def _check_range(key: str, value, lo, hi, lo_in, hi_in) -> None:
+    ok = (lo is None or (value >= lo if lo_in else value > lo)) and (hi is None or (value <= hi if hi_in else value < hi))
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+        left, right = ("[" if lo_in else "(") + ("-inf" if lo is None else str(lo)), \
+            ("inf" if hi is None else str(hi)) + ("]" if hi_in else ")")
+        raise ConfigError(f"{key}: {value!r} is out of range, expected a value in {left}, {right}")
+
+
 def validate(cfg: TrainConfig) -> None:
+    """Ranges and choices of every setting; ConfigError names the key and the value."""
+    for key, bounds in _RANGES.items():
+        section, name = key.split(".")
+        _check_range(key, getattr(getattr(cfg, section), name), *bounds)
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas: {list(betas)!r} must be two numbers in [0, 1)")
     t = cfg.train
     if t.global_batch % t.micro_batch:
-        raise ValueError(f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch {t.micro_batch}")
+        raise ConfigError(f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch {t.micro_batch}")
     if t.precision not in ("auto", "bf16", "fp32", "fp8"):
-        raise ValueError(f"train.precision must be auto, bf16, fp32 or fp8; got {t.precision!r}")
+        raise ConfigError(f"train.precision must be auto, bf16, fp32 or fp8; got {t.precision!r}")
     if cfg.fp8.backend not in ("auto", "torch", "emulated", "torchao", "transformer_engine"):
-        raise ValueError(f"fp8.backend must be auto, torch, emulated, torchao or transformer_engine; "
-                         f"got {cfg.fp8.backend!r}")
+        raise ConfigError(f"fp8.backend must be auto, torch, emulated, torchao or transformer_engine; "
+                          f"got {cfg.fp8.backend!r}")
     if cfg.fp8.recipe not in ("tensorwise", "rowwise", "delayed"):
-        raise ValueError(f"fp8.recipe must be tensorwise, rowwise or delayed; got {cfg.fp8.recipe!r}")
+        raise ConfigError(f"fp8.recipe must be tensorwise, rowwise or delayed; got {cfg.fp8.recipe!r}")
     if t.parallel not in ("ddp", "fsdp"):
-        raise ValueError(f"train.parallel must be ddp or fsdp; got {t.parallel!r}")
+        raise ConfigError(f"train.parallel must be ddp or fsdp; got {t.parallel!r}")
     if cfg.optim.schedule not in ("cosine", "constant"):
-        raise ValueError(f"optim.schedule must be cosine or constant; got {cfg.optim.schedule!r}")
+        raise ConfigError(f"optim.schedule must be cosine or constant; got {cfg.optim.schedule!r}")
     if not 0 <= cfg.diffusion.mask_ratio < 1:
-        raise ValueError(f"diffusion.mask_ratio must be in [0, 1); got {cfg.diffusion.mask_ratio}")
+        raise ConfigError(f"diffusion.mask_ratio must be in [0, 1); got {cfg.diffusion.mask_ratio}")

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import random
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,11 +27,14 @@ from ..models.microdit import MicroDiT
 from ..models.presets import preset_config
 from ..ops.keep_indices import keep_indices
 from . import distributed
-from .checkpoint import CheckpointManager, TrainCheckpointError, load_checkpoint, resolve_checkpoint
+from .checkpoint import (CheckpointManager, TrainCheckpointError, UnsafeCheckpointError, load_checkpoint,
+                         resolve_checkpoint)
 from .config import TrainConfig
 from .ema import EMA
 from .metrics import MetricsWriter, ProgressBar
 from .optim import build_optimizer, lr_at, set_lr
+from .runlock import RunLock, RunLockError, sweep_temp_files
+from .signals import StopSignals, TrainingInterrupted
 
 log = logging.getLogger("microdit.train")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -47,7 +51,11 @@ def step_seed(seed: int, step: int, micro: int) -> int:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as plain data and tensors, so a checkpoint loads with `weights_only=True`."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                    int(has_gauss), float(gauss)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -55,7 +63,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -75,12 +84,15 @@ def load_initial_weights(model: MicroDiT, source) -> None:
     """Weights of a previous phase (training checkpoint or published format); the position table
     is kept as this model built it when the latent grid differs (phase 3 of the recipe)."""
     from ..models.checkpoint import extract_state_dict
+    from ..models.checkpoint import read as read_published
 
     path = resolve_checkpoint(source)
     try:
         state = load_checkpoint(path)["model"]
+    except UnsafeCheckpointError:
+        raise
     except TrainCheckpointError:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_published(path)  # the published format, also read weights-only
     sd = extract_state_dict(state, str(path))
     own = model.state_dict()
     if sd["pos_embed"].shape != own["pos_embed"].shape:
@@ -109,6 +121,31 @@ class Trainer:
         self.dist = dist_info or distributed.setup(cfg.train.device)
         self.device = self.dist.device
         self.out = Path(cfg.out)
+        self.lock = self._lock_out()
+        try:
+            self._build(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _lock_out(self) -> RunLock:
+        """Rank 0 locks OUT; every rank learns whether it could, so that all fail together, at once."""
+        lock, err = RunLock(self.out), None
+        if self.dist.is_main:
+            try:
+                lock.acquire()
+                sweep_temp_files(self.out / "checkpoints")  # no other run writes here: leftovers are dead
+            except RunLockError as e:
+                err = e
+        ok = distributed.all_reduce_min(torch.tensor(0.0 if err else 1.0, device=self.device), self.dist)
+        if err:
+            raise err
+        if ok.item() == 0:
+            raise RunLockError(f"{self.out} is in use by another training run (rank 0 could not lock it)")
+        return lock
+
+    def _build(self, resume: bool) -> None:
+        cfg, data_info = self.cfg, self.data_info
         t = cfg.train
         per_step = t.micro_batch * self.dist.world_size
         if t.global_batch % per_step:
@@ -174,6 +211,7 @@ class Trainer:
             log.info("no checkpoint in %s: starting from scratch", self.ckpts.dir)
             return
         state, path = found
+        self._check_same_model(state, path)
         if state["world_size"] != self.dist.world_size:
             raise TrainCheckpointError(f"{path}: written by {state['world_size']} ranks, resuming on "
                                        f"{self.dist.world_size} (the data order would change)")
@@ -186,6 +224,26 @@ class Trainer:
         self.loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_same_model(self, state: dict, path) -> None:
+        """A checkpoint of another model (say another preset) fails in one message naming the file and
+        summarising the differences, instead of one line per mismatched tensor."""
+        own = {k: tuple(v.shape) for k, v in self.raw.state_dict().items()}
+        saved = {k: tuple(v.shape) for k, v in state["model"].items()}
+        differ = [k for k in own if k in saved and own[k] != saved[k]]
+        missing, extra = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+        if not (differ or missing or extra):
+            return
+        mine, theirs = self.raw.config.to_dict(), state.get("model_config") or {}
+        settings = [f"{k} {theirs[k]!r} (now {mine[k]!r})" for k in mine if k in theirs and theirs[k] != mine[k]]
+        parts = [f"{len(differ)} tensors differ in shape (first {differ[0]}: saved {saved[differ[0]]}, "
+                 f"this model {own[differ[0]]})" if differ else "",
+                 f"{len(missing)} missing (first {missing[0]})" if missing else "",
+                 f"{len(extra)} unexpected (first {extra[0]})" if extra else ""]
+        raise TrainCheckpointError(
+            f"{path}: written for another model ({', '.join(settings[:6]) or 'other tensors'}); "
+            + "; ".join(p for p in parts if p)
+            + f"; resume with the run's own settings (see {self.out / 'config.json'}) or train into a new --out")
 
     # ------------------------------------------------------------------ one step
     def _noise(self, batch_local: int, micro: int, shape):
@@ -227,6 +285,14 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        try:
+            with StopSignals() as signals:
+                return self._run(signals)
+        finally:
+            self.lock.release()
+
+    def _run(self, signals: StopSignals) -> dict:
+        t, cfg = self.cfg.train, self.cfg
         it = iter(self.loader)
         bar = ProgressBar(t.steps, initial=self.step, enabled=self.dist.is_main)
         last_t, last_step = time.perf_counter(), self.step
@@ -239,8 +305,10 @@ class Trainer:
             # flag is reduced over ranks so that every rank takes the same decision.
             if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor norm
                 grad_norm = grad_norm.full_tensor()
-            flag = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
-            ok = bool(distributed.all_reduce_min(flag, self.dist).item() > 0)
+            # A stop signal rides on the same reduction: if any rank got one, all stop after this step.
+            flags = torch.stack([(torch.isfinite(loss) & torch.isfinite(grad_norm)).float(),
+                                 torch.tensor(0.0 if signals.signum else 1.0, device=self.device)])
+            ok, go_on = (bool(f > 0) for f in distributed.all_reduce_min(flags, self.dist).tolist())
             if ok:
                 self.optimizer.step()
                 self.bad_steps = 0
@@ -264,6 +332,13 @@ class Trainer:
                 losses.append((self.step, lval))
                 self.metrics.log(self.step, self._metrics(lval, grad_norm.item(), ips))
                 bar.update(self.step, loss=lval, ips=ips)
+            if not go_on:
+                bar.close()
+                self.metrics.close()
+                path = self.save()
+                stop = TrainingInterrupted(signals.signum or signal.SIGTERM, self.step, path or self.ckpts.dir)
+                log.warning("%s", stop)
+                raise stop
             if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
                 self.save()
             if t.sample_every and self.step % t.sample_every == 0 and self.step < t.steps:
