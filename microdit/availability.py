@@ -38,10 +38,25 @@ def _import(name: str, hint: str):
         return Missing(name, f"{type(e).__name__}: {e}. {hint}")
 
 
+# What microdit/_ext.py calls: a microdit._C built from older sources (before an entry point was
+# added or renamed) is reported as missing, with the fix, instead of failing at first use.
+EXTENSION_ENTRY_POINTS = ("build_info", "mask_tokens_cpu", "unmask_tokens_cpu", "moe_inverse_cpu", "moe_dispatch_cpu",
+                          "moe_combine_cpu", "moe_combine_backward_cpu", "moe_gelu_cpu")
+
+
+def check_entry_points(mod, name: str = "microdit._C"):
+    """`mod`, or a Missing stub when it lacks one of EXTENSION_ENTRY_POINTS."""
+    lacking = [n for n in EXTENSION_ENTRY_POINTS if not hasattr(mod, n)] if mod else []
+    if lacking:
+        return Missing(name, f"built from older sources (it lacks {', '.join(lacking)}): rebuild it with "
+                             "`python setup.py build_ext --inplace` or `pip install -e .`")
+    return mod
+
+
 @functools.cache
 def extension():
     """The compiled extension `microdit._C`, or a Missing stub saying why."""
-    return _import("microdit._C", "Build it with `pip install -e .` (needs cmake and a C++ compiler).")
+    return check_entry_points(_import("microdit._C", "Build it with `pip install -e .` (needs cmake and a C++ compiler)."))
 
 
 def extension_reasons() -> list[str]:

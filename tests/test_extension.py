@@ -77,6 +77,17 @@ def test_extension_importable():
     assert hasattr(ext, "mask_tokens_cuda") == info["cuda"]
 
 
+def test_an_extension_built_from_older_sources_is_reported():
+    import types
+
+    from microdit.availability import EXTENSION_ENTRY_POINTS, check_entry_points
+
+    assert check_entry_points(extension()) is extension()
+    old = types.SimpleNamespace(**{n: None for n in EXTENSION_ENTRY_POINTS if n != "mask_tokens_cpu"})
+    stub = check_entry_points(old)
+    assert not stub and "lacks mask_tokens_cpu" in repr(stub) and "build_ext --inplace" in repr(stub)
+
+
 def test_cuda_built_when_nvcc_present():
     """CI proof that the CUDA sources compile: with nvcc around, the install must include them."""
     nvcc = find_nvcc()
