@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .diffusion import edm
+from .models.checkpoint import CheckpointError
 from .models.microdit import MicroDiT
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ PUBLISHED_CAPTION = (77, 1024)  # its token states: length, width
 SIDECAR = "microdit.json"  # beside an exported published-format checkpoint: config and encoders
 
 
-class EncoderMismatchError(ValueError):
+class EncoderMismatchError(CheckpointError):
     """A text encoder or codec whose shapes do not fit the model; the message names both sides."""
 
 
@@ -170,7 +171,6 @@ class MicroDiTPipeline:
     def load(cls, source, *, ema: bool = False, **kw) -> "MicroDiTPipeline":
         """Whatever `source` is: a save_pretrained folder or hub id, a training run or checkpoint, or a published checkpoint."""
         from .models.pretrained import is_pretrained_dir
-        from .train.checkpoint import FORMAT, resolve_checkpoint
 
         path = Path(str(source)).expanduser()
         if path.is_dir():
@@ -178,8 +178,8 @@ class MicroDiTPipeline:
                 return cls.from_pretrained(path, **kw)
             return cls.from_run(path, ema=ema, **kw)
         if path.is_file():
-            if path.suffix in {".pt", ".pth", ".ckpt"} and _is_training_checkpoint(path, FORMAT):
-                return cls.from_run(resolve_checkpoint(path), ema=ema, **kw)
+            if _is_training_checkpoint(path):
+                return cls.from_run(path, ema=ema, **kw)
             if ema:
                 raise ValueError(f"{path}: --ema applies to training checkpoints; a published checkpoint "
                                  "holds one set of weights")
@@ -265,16 +265,23 @@ def _recorded_encoders(checkpoint) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
-def _is_training_checkpoint(path: Path, fmt: str) -> bool:
-    from .train.checkpoint import UnsafeCheckpointError, safe_load
+def _is_training_checkpoint(path: Path) -> bool:
+    """Whether `path` is one of our training checkpoints rather than a published state dict.
 
+    Read weights-only (safe_load), so a file from elsewhere never runs code: a planted pickle
+    raises UnsafeCheckpointError naming the file.
+    """
+    from .train.checkpoint import FORMAT, UnsafeCheckpointError, safe_load
+
+    if path.suffix == ".safetensors":
+        return False
     try:
-        state = safe_load(path)  # weights-only: a planted pickle raises, it never runs
+        state = safe_load(path)
     except UnsafeCheckpointError:
         raise
-    except Exception:
+    except Exception:  # not a torch file at all: load_reference reports it
         return False
-    return isinstance(state, dict) and state.get("format") == fmt
+    return isinstance(state, dict) and state.get("format") == FORMAT
 
 
 def _progress(total: int, enabled: bool):

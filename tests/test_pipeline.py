@@ -252,6 +252,8 @@ def test_export_a_demo_run_then_generate_from_the_export(demo_run, tmp_path):
     export(demo_run, tmp_path / "pre", ema=True)
     export(demo_run, tmp_path / "pub", ema=True, format="published")
     assert sorted(p.name for p in (tmp_path / "pub").iterdir()) == ["microdit.json", "model.pt"]
+    ckpt = resolve_checkpoint(demo_run)  # a training checkpoint file: told apart from a published .pt
+    assert np.array_equal(MicroDiTPipeline.load(ckpt, ema=True, device="cpu").images(prompts, **kw), expected)
     for source in (tmp_path / "pre", tmp_path / "pub" / "model.pt"):
         pipe = MicroDiTPipeline.load(source, device="cpu")
         assert pipe.text_encoder.name == "minilm" and pipe.codec.name == "pixels"
