@@ -68,7 +68,12 @@ def _expected_errors() -> dict:
     from .train.runlock import RunLockError
     from .train.trainer import NonFiniteLossError
 
+    from .pipeline import EncoderMismatchError
+
     return {
+        EncoderMismatchError: "pass the encoders the model was trained with",
+        # a missing optional dependency: the message holds the pip line that installs it
+        ImportError: "",
         TrainCheckpointError: "pass another checkpoint (a .pt file or a training --out directory)",
         CheckpointError: "pass a checkpoint in the published MicroDiT format",
         ShardError: "re-create the dataset with `microdit prepare`",

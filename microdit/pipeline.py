@@ -67,7 +67,7 @@ def check_compatible(config, text_encoder=None, codec=None, model_name: str = "t
         problems.append(f"image codec {codec.name!r} has {codec.channels} latent channels, "
                         f"but {model_name} takes in_channels={config.in_channels}")
     if problems:
-        raise EncoderMismatchError("; ".join(problems) + ". Pass the encoders the model was trained with "
+        raise EncoderMismatchError("; ".join(problems) + "; pass the encoders the model was trained with "
                                    "(vae= / text_encoder=, or --vae / --text-encoder)")
 
 
