@@ -128,6 +128,23 @@ def test_batching_does_not_change_images_and_seeds_do(pipe):
     assert not torch.equal(image_noise(1, 2, 3, (4, 8, 8)), image_noise(1, 2, 4, (4, 8, 8)))
 
 
+def test_bfloat16_sampling_and_the_position_table(parts, pipe, tmp_path):
+    # bf16 (the GPU default) through autocast: the float32 images, up to low-precision noise
+    low = MicroDiTPipeline.from_published(parts["ckpt"], vae=str(parts["vae"][0]), text_encoder=str(parts["clip"][0]),
+                                          device="cpu", dtype="bfloat16")
+    assert low.dtype == torch.bfloat16 and next(low.model.parameters()).dtype == torch.float32
+    kw = dict(steps=STEPS, guidance=GUIDANCE, seed=SEED)
+    diff = np.abs(low.images(PROMPTS, **kw).astype(int) - pipe.images(PROMPTS, **kw).astype(int))
+    assert 0 < diff.mean() < 3
+    # a 512 px-style table (pos_interp_scale 2 on a 2x grid) is read from the tensors
+    save_reference(create_model("MicroDiT_Test_2", in_channels=4, caption_channels=16, input_size=16,
+                                pos_interp_scale=2.0), tmp_path / "p2.pt")
+    big = MicroDiTPipeline.from_published(tmp_path / "p2.pt", vae=str(parts["vae"][0]),
+                                          text_encoder=str(parts["clip"][0]), device="cpu")
+    assert big.model.config.pos_interp_scale == 2.0 and big.resolution == 32
+    assert big.images(PROMPTS[:1], steps=1, guidance=1.0).shape == (1, 32, 32, 3)
+
+
 def test_generate_cli_makes_the_pipelines_images(parts, pipe, tmp_path):
     out = tmp_path / "gen"
     r = subprocess.run([sys.executable, "-m", "microdit.cli", "generate", str(parts["ckpt"]), *PROMPTS[:2],
