@@ -21,6 +21,7 @@ from ..nn.layers import (
     layer_norm,
     modulate,
     moe_hidden,
+    op_backend,
     swiglu_hidden,
 )
 from ..ops import moe
@@ -28,6 +29,9 @@ from ..ops.keep_indices import keep_indices, keep_indices_op
 from ..ops.mask_tokens import mask_tokens, mask_tokens_op
 from ..ops.unmask_tokens import unmask_tokens_op
 from ..ops.unmask_unpatchify import unmask_unpatchify, unmask_unpatchify_op
+from ..ops import ln_modulate as ln_modulate_ops
+from ..ops import multi_linear as multi_linear_ops
+from ..ops import residual_ln_modulate as residual_ops
 from .config import MicroDiTConfig
 
 
@@ -45,34 +49,49 @@ def sincos_pos_table(dim: int, grid: int, base: int, interp_scale: float) -> np.
 
 
 class Block(nn.Module):
-    """adaLN-modulated self-attention, unmodulated cross-attention, modulated FFN (dense or MoE)."""
+    """adaLN-modulated self-attention, unmodulated cross-attention, modulated FFN (dense or MoE).
 
-    def __init__(self, dim, cond_dim, attn_width, head_dim, ffn, eps, bias):
+    Each LayerNorm + modulate is one ln_modulate op, and each gated residual add is fused with
+    the LayerNorm after it (residual_ln_modulate); with the `reference` backends this is the
+    published sequence of operations, one after the other."""
+
+    def __init__(self, dim, cond_dim, attn_width, head_dim, ffn, eps, bias, backends=None):
         super().__init__()
+        self.eps = eps
         self.norm1 = layer_norm(dim, eps)
-        self.attn = SelfAttention(dim, attn_width, head_dim, eps, bias)
-        self.cross_attn = CrossAttention(dim, dim, head_dim, eps, bias)
+        self.attn = SelfAttention(dim, attn_width, head_dim, eps, bias, backends)
+        self.cross_attn = CrossAttention(dim, dim, head_dim, eps, bias, backends)
         self.norm2 = layer_norm(dim, eps)
         self.norm3 = layer_norm(dim, eps)
         self.mlp = ffn
         self.adaLN_modulation = nn.Sequential(gelu_tanh(), nn.Linear(cond_dim, 6 * dim, bias=True))
+        self.ln_backend = op_backend(ln_modulate_ops.ln_modulate_op, backends)
+        self.residual_backend = op_backend(residual_ops.residual_ln_modulate_op, backends)
 
-    def forward(self, x, y, c):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, d)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, N, d)
-        x = x + self.cross_attn(self.norm2(x), y)  # (B, N, d)
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift2, scale2))  # (B, N, d)
+    def forward(self, x, y, c, mod=None, kv=None):
+        """`mod` (B, 6d) and `kv` (B, L, 2d): this block's adaLN output and caption K/V, when the
+        model computed those of all blocks at once (one GEMM each)."""
+        mod = self.adaLN_modulation(c) if mod is None else mod  # (B, 6d)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, d)
+        zero = torch.zeros_like(shift1)  # norm2 is not modulated
+        h = ln_modulate_ops.ln_modulate(x, self.norm1.weight, shift1, scale1, self.eps,
+                                        backend=self.ln_backend)  # (B, N, d)
+        x, h = residual_ops.residual_ln_modulate(x, self.attn(h), gate1, self.norm2.weight, zero, zero, self.eps,
+                                                 backend=self.residual_backend)  # (B, N, d) x 2
+        x, h = residual_ops.residual_ln_modulate(x, self.cross_attn(h, y, kv), None, self.norm3.weight, shift2,
+                                                 scale2, self.eps, backend=self.residual_backend)  # (B, N, d) x 2
+        return x + gate2.unsqueeze(1) * self.mlp(h)  # (B, N, d)
 
 
 class CaptionBlock(nn.Module):
     """Pre-norm transformer block over caption tokens, without modulation."""
 
-    def __init__(self, dim, head_dim, multiple_of, eps, bias):
+    def __init__(self, dim, head_dim, multiple_of, eps, bias, backends=None):
         super().__init__()
         self.norm1 = layer_norm(dim, eps)
-        self.attn = SelfAttention(dim, dim, head_dim, eps, bias)
+        self.attn = SelfAttention(dim, dim, head_dim, eps, bias, backends)
         self.norm2 = layer_norm(dim, eps)
-        self.mlp = SwiGLU(dim, swiglu_hidden(dim, 4.0, multiple_of), bias)
+        self.mlp = SwiGLU(dim, swiglu_hidden(dim, 4.0, multiple_of), bias, backends)
 
     def forward(self, y):
         y = y + self.attn(self.norm1(y))  # (B, L, D)
@@ -100,7 +119,8 @@ class MicroDiT(nn.Module):
         self.config = cfg = config
         D, eps, bias = cfg.dim, cfg.norm_eps, cfg.use_bias
         moe_backend = cfg.backends.get("moe")
-        ops = {"moe", "keep_indices", "mask_tokens", "unmask_tokens", "unmask_unpatchify"}
+        ops = {"moe", "keep_indices", "mask_tokens", "unmask_tokens", "unmask_unpatchify", "attention", "swiglu",
+               "ln_modulate", "residual_ln_modulate", "multi_linear"}
         unknown = set(cfg.backends) - ops
         if unknown:
             raise ValueError(f"backends name unknown ops {sorted(unknown)} (ops: {', '.join(sorted(ops))})")
@@ -110,11 +130,13 @@ class MicroDiT(nn.Module):
                    unmask_unpatchify_op):
             self.mask_backend[op.name] = op.warm().resolve(cfg.backends.get(op.name))
         moe.moe_op.warm()
+        self.multi_linear_backend = op_backend(multi_linear_ops.multi_linear_op, cfg.backends)
+        backends = cfg.backends
 
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = CaptionEmbedder(cfg.caption_channels, D, eps)
-        self.y_emb_preprocess = CaptionBlock(D, cfg.head_dim, cfg.multiple_of, eps, bias)
+        self.y_emb_preprocess = CaptionBlock(D, cfg.head_dim, cfg.multiple_of, eps, bias, cfg.backends)
         self.pooled_y_emb_process = ProjectionMLP(D, D, eps)
         self.register_buffer("pos_embed", torch.zeros(1, cfg.num_tokens, D), persistent=True)
         self.register_buffer("mask_token", torch.zeros(1, 1, cfg.patch_dim), persistent=True)
@@ -123,14 +145,14 @@ class MicroDiT(nn.Module):
             if cfg.is_moe_block(i, depth, backbone):
                 return ExpertChoiceMoE(dim, moe_hidden(dim, ratio, cfg.multiple_of), cfg.num_experts,
                                        cfg.expert_capacity, backend=moe_backend)
-            return SwiGLU(dim, swiglu_hidden(dim, ratio, cfg.multiple_of), bias)
+            return SwiGLU(dim, swiglu_hidden(dim, ratio, cfg.multiple_of), bias, backends)
 
         if cfg.use_patch_mixer:
             Dm, n = cfg.patch_mixer_dim, cfg.patch_mixer_depth
             # Registration order gives the published state-dict order (mixer blocks, then maps).
             self.patch_mixer = nn.ModuleList([
                 Block(Dm, D, attention_width(Dm, cfg.patch_mixer_qkv_ratio, cfg.head_dim), cfg.head_dim,
-                      ffn(Dm, cfg.patch_mixer_mlp_ratio, i, n, False), eps, bias)
+                      ffn(Dm, cfg.patch_mixer_mlp_ratio, i, n, False), eps, bias, backends)
                 for i in range(n)
             ])
             if Dm != D:
@@ -141,7 +163,7 @@ class MicroDiT(nn.Module):
                 self.patch_mixer_map_xin = self.patch_mixer_map_xout = self.patch_mixer_map_y = nn.Identity()
         self.blocks = nn.ModuleList([
             Block(D, D, attention_width(D, cfg.qkv_multipliers[i], cfg.head_dim), cfg.head_dim,
-                  ffn(D, cfg.ffn_multipliers[i], i, cfg.depth, True), eps, bias)
+                  ffn(D, cfg.ffn_multipliers[i], i, cfg.depth, True), eps, bias, backends)
             for i in range(cfg.depth)
         ])
         self.final_layer = FinalLayer(D, cfg.patch_dim, eps)
@@ -228,6 +250,22 @@ class MicroDiT(nn.Module):
         c = t + self.pooled_y_emb_process(y.mean(dim=1))  # (B, D)
         return y, c
 
+    def block_modulations(self, c: torch.Tensor, blocks) -> list[torch.Tensor]:
+        """Every block's adaLN output (B, 6d) from GELU(c): one multi_linear (one GEMM when fused)."""
+        lins = [b.adaLN_modulation[1] for b in blocks]
+        g = blocks[0].adaLN_modulation[0](c)  # (B, D): the same GELU-tanh(c) in every block
+        return multi_linear_ops.multi_linear(g, [l.weight for l in lins], [l.bias for l in lins],
+                                             backend=self.multi_linear_backend)
+
+    def caption_kv(self, y: torch.Tensor, blocks) -> list[torch.Tensor | None]:
+        """Every block's caption K/V (B, L, 2d) from the same caption states y: one multi_linear.
+        None for each block (it projects its own) where its kv_linear is not a plain Linear (FP8)."""
+        lins = [b.cross_attn.kv_linear for b in blocks]
+        if not all(type(l) is nn.Linear for l in lins):
+            return [None] * len(lins)
+        return multi_linear_ops.multi_linear(y, [l.weight for l in lins], [l.bias for l in lins],
+                                             backend=self.multi_linear_backend)
+
     def forward(self, x, c_noise, y, *, mask_ratio: float = 0.0, ids_keep=None, guidance: float = 1.0,
                 generator: torch.Generator | None = None):
         """F(x, c_noise, y): (B, C, H, W) -> (B, C, H, W). `ids_keep` (B, K) fixes the kept tokens."""
@@ -247,11 +285,13 @@ class MicroDiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, T, D)
         y, c = self.embed_condition(c_noise, y)  # (B, L, D), (B, D)
 
+        mixer = list(self.patch_mixer) if cfg.use_patch_mixer else []
+        mods = self.block_modulations(c, mixer + list(self.blocks))  # (B, 6d) per block
         if cfg.use_patch_mixer:
             x = self.patch_mixer_map_xin(x)  # (B, T, Dm)
             y_mixer = self.patch_mixer_map_y(y)  # (B, L, Dm)
-            for block in self.patch_mixer:
-                x = block(x, y_mixer, c)  # (B, T, Dm)
+            for block, mod, kv in zip(mixer, mods, self.caption_kv(y_mixer, mixer)):
+                x = block(x, y_mixer, c, mod, kv)  # (B, T, Dm)
         T = x.shape[1]
         if ids_keep is None and mask_ratio > 0:
             ids_keep = keep_indices(B, T, mask_ratio, x.device, generator,
@@ -262,8 +302,8 @@ class MicroDiT(nn.Module):
             x = mask_tokens(x, ids_keep, backend=self.mask_backend["mask_tokens"])  # (B, K, Dm)
         if cfg.use_patch_mixer:
             x = self.patch_mixer_map_xout(x)  # (B, K, D)
-        for block in self.blocks:
-            x = block(x, y, c)  # (B, K, D)
+        for block, mod, kv in zip(self.blocks, mods[len(mixer):], self.caption_kv(y, self.blocks)):
+            x = block(x, y, c, mod, kv)  # (B, K, D)
         x = self.final_layer(x, c)  # (B, K, p*p*C)
         if ids_keep is not None:
             # Un-mask with mask_token and un-patchify, in one pass where a backend fuses them.

@@ -7,7 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import attention as attention_ops
 from ..ops import moe
+from ..ops import swiglu as swiglu_ops
 
 
 def gelu_tanh() -> nn.Module:
@@ -98,30 +100,44 @@ class CaptionEmbedder(nn.Module):
         return self.y_proj(y)
 
 
-class SelfAttention(nn.Module):
-    """Fused qkv, LN0 on q and k over all heads together, SDPA, output projection."""
+def op_backend(op, backends: dict | None, key: str | None = None) -> str | None:
+    """The backend `backends[op name]` chose (checked now: a choice that cannot run fails at
+    construction), or None for the automatic choice at the first call."""
+    return op.warm().resolve((backends or {}).get(key or op.name))
 
-    def __init__(self, dim: int, width: int, head_dim: int, eps: float, bias: bool):
+
+def backend_repr(op, backend: str | None) -> str:
+    return backend or "auto: " + op.default()
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv, LN0 on q and k over all heads together, attention, output projection."""
+
+    def __init__(self, dim: int, width: int, head_dim: int, eps: float, bias: bool, backends: dict | None = None):
         super().__init__()
         self.width, self.heads = width, width // head_dim
         self.qkv = nn.Linear(dim, 3 * width, bias=bias)
         self.q_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.k_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.proj = nn.Linear(width, dim, bias=bias)
+        self.backend = op_backend(attention_ops.attention_op, backends)
 
     def forward(self, x):
         B, N, _ = x.shape
         q, k, v = self.qkv(x).split(self.width, dim=-1)  # 3 x (B, N, h)
         q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.view(B, N, self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
-        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
-        return self.proj(o.transpose(1, 2).reshape(B, N, self.width))  # (B, N, d)
+        q, k, v = (t.view(B, N, self.heads, -1) for t in (q, k, v))  # (B, N, H, hd), no transposes
+        o = attention_ops.attention(q, k, v, backend=self.backend)  # (B, N, H, hd)
+        return self.proj(o.reshape(B, N, self.width))  # (B, N, d)
+
+    def extra_repr(self):
+        return f"heads={self.heads}, attention={backend_repr(attention_ops.attention_op, self.backend)}"
 
 
 class CrossAttention(nn.Module):
     """Queries from image tokens, keys and values (k first) from caption tokens."""
 
-    def __init__(self, dim: int, width: int, head_dim: int, eps: float, bias: bool):
+    def __init__(self, dim: int, width: int, head_dim: int, eps: float, bias: bool, backends: dict | None = None):
         super().__init__()
         self.width, self.heads = width, width // head_dim
         self.q_linear = nn.Linear(dim, width, bias=bias)
@@ -129,29 +145,41 @@ class CrossAttention(nn.Module):
         self.q_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.k_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.proj = nn.Linear(width, dim, bias=bias)
+        self.backend = op_backend(attention_ops.attention_op, backends)
 
-    def forward(self, x, y):
+    def forward(self, x, y, kv=None):
+        """`kv` (B, L, 2h): kv_linear(y) when the model computed it already (all blocks in one GEMM)."""
         B, N, _ = x.shape
         L = y.shape[1]
-        q = self.q_norm(self.q_linear(x)).view(B, N, self.heads, -1).transpose(1, 2)  # (B, H, N, hd)
-        k, v = self.kv_linear(y).split(self.width, dim=-1)  # 2 x (B, L, h)
-        k = self.k_norm(k).view(B, L, self.heads, -1).transpose(1, 2)  # (B, H, L, hd)
-        v = v.view(B, L, self.heads, -1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
-        return self.proj(o.transpose(1, 2).reshape(B, N, self.width))
+        q = self.q_norm(self.q_linear(x)).view(B, N, self.heads, -1)  # (B, N, H, hd)
+        k, v = (self.kv_linear(y) if kv is None else kv).split(self.width, dim=-1)  # 2 x (B, L, h)
+        k = self.k_norm(k).view(B, L, self.heads, -1)  # (B, L, H, hd)
+        o = attention_ops.attention(q, k, v.view(B, L, self.heads, -1), backend=self.backend)  # (B, N, H, hd)
+        return self.proj(o.reshape(B, N, self.width))  # (B, N, d)
+
+    def extra_repr(self):
+        return f"heads={self.heads}, attention={backend_repr(attention_ops.attention_op, self.backend)}"
 
 
 class SwiGLU(nn.Module):
     """W3(silu(W1 x) * W2 x)."""
 
-    def __init__(self, dim: int, hidden: int, bias: bool):
+    def __init__(self, dim: int, hidden: int, bias: bool, backends: dict | None = None):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=bias)
         self.w2 = nn.Linear(dim, hidden, bias=bias)
         self.w3 = nn.Linear(hidden, dim, bias=bias)
+        self.backend = op_backend(swiglu_ops.swiglu_op, backends)
 
     def forward(self, x):
-        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+        if not all(type(m) is nn.Linear for m in (self.w1, self.w2, self.w3)):
+            # Linears replaced by FP8 ones (microdit.fp8) run as modules, each its own GEMM.
+            return self.w3(F.silu(self.w1(x)) * self.w2(x))
+        return swiglu_ops.swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight, self.w1.bias, self.w2.bias,
+                                 self.w3.bias, backend=self.backend)
+
+    def extra_repr(self):
+        return f"swiglu={backend_repr(swiglu_ops.swiglu_op, self.backend)}"
 
 
 class ExpertChoiceMoE(nn.Module):

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 log = logging.getLogger("microdit.ops")
 
 ALL_OPS: dict[str, "Op"] = {}
@@ -126,7 +128,8 @@ class Op:
             if self.reasons(impl.name) or impl.supports(*args, **kwargs):
                 first = first or impl
                 continue
-            if first is not None and (first.name, impl.name) not in self._logged:
+            # Not while torch.compile traces: a logging call is a graph break (it logs in eager).
+            if first is not None and (first.name, impl.name) not in self._logged and not torch.compiler.is_compiling():
                 self._logged.add((first.name, impl.name))
                 log.info("op %s: using backend %r (%r cannot run: %s)", self.name, impl.name,
                          first.name, "; ".join(self.reasons(first.name) + first.supports(*args, **kwargs)))

@@ -6,7 +6,7 @@ import torch
 
 import microdit
 from microdit import edm
-from microdit.ops import moe
+from microdit.ops import attention, ln_modulate, moe, multi_linear, residual_ln_modulate, swiglu
 from microdit.ops.keep_indices import drop_mask
 from microdit.ops.mask_tokens import mask_tokens_op
 from microdit.ops.unmask_tokens import unmask_tokens_op
@@ -27,16 +27,31 @@ COMBOS = [
     # A CPU-only backend (cpp) and a GPU-only one (cuda, triton) cannot share one model's device.
     and not ({m, k} & {"cpp"} and {m, k} & {"cuda", "triton"})
 ]
+# The block's attention and fusion ops: all published (reference), and every other CPU backend
+# chosen explicitly (the automatic choice, above, already picks them where they are the best).
+FUSION_OPS = {"attention": attention.attention_op, "swiglu": swiglu.swiglu_op, "ln_modulate": ln_modulate.ln_modulate_op,
+              "residual_ln_modulate": residual_ln_modulate.residual_ln_modulate_op,
+              "multi_linear": multi_linear.multi_linear_op}
+FUSIONS = [{name: "reference" for name in FUSION_OPS}] + [
+    {name: backend} for name, op in FUSION_OPS.items() for backend in available_backends(op)
+    if backend != "reference" and (backend != "triton" or torch.cuda.is_available())]
+COMBOS += [{**COMBOS[0], **f} for f in FUSIONS]
 
 
-@pytest.fixture(scope="module", params=COMBOS, ids=lambda c: f"moe={c['moe']},mask={c['mask_tokens']}")
+def combo_id(c):
+    fused = ",".join(f"{k}={v}" for k, v in c.items() if k in FUSION_OPS)
+    return f"moe={c['moe']},mask={c['mask_tokens']}" + (f",{fused}" if fused else "")
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=combo_id)
 def model(request, reference):
     return microdit.load_reference(reference["state_dict"], reference["config"], backends=request.param).eval()
 
 
 def _device(model):
     """GPU backends run the model on the GPU (in float32, TF32 off); the rest on the CPU."""
-    gpu = any(b in ("cuda", "triton") for b in model.config.backends.values()) and torch.cuda.is_available()
+    gpu_backends = ("cuda", "triton", "flash_attn", "xformers", "transformer_engine")
+    gpu = any(b in gpu_backends for b in model.config.backends.values()) and torch.cuda.is_available()
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -103,3 +118,14 @@ def test_sampler(model, reference):
     out = edm.sample(model, i["sampler_noise"], i["y"], steps=6, guidance=4.0)
     assert out.dtype == torch.float32
     assert rel_err(out, reference["outputs"]["sampler_6steps_cfg4"]) < TOL
+
+
+@pytest.mark.slow
+def test_compiled_forward_and_loss(reference):
+    """The model under torch.compile (fused ops, automatic backends) reproduces the vectors."""
+    m = microdit.load_reference(reference["state_dict"], reference["config"]).eval()
+    i, o = reference["inputs"], reference["outputs"]
+    compiled = torch.compile(m, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(i["x"], i["t"], i["y"], ids_keep=i["ids_keep"])
+    assert rel_err(out, o["forward_mask75"]) < TOL
