@@ -70,7 +70,32 @@ def extension_cuda_reasons() -> list[str]:
         return [repr(ext)]
     if not ext.build_info().get("cuda", False):
         return ["extension built without CUDA (nvcc not found at build time, or MICRODIT_CUDA=0)"]
-    return cuda_reasons()
+    return cuda_reasons() or extension_cuda_probe_reasons()
+
+
+def _probe_launch(ext) -> None:
+    """One tiny kernel of the extension: gather row 1 of a (1, 2, 4) tensor; raises if it fails."""
+    src = torch.arange(8, dtype=torch.float32, device="cuda").view(1, 2, 4)
+    idx = torch.ones(1, 1, dtype=torch.int64, device="cuda")
+    out = torch.empty(1, 1, 4, dtype=torch.float32, device="cuda")
+    ext.gather_tokens_cuda(src.data_ptr(), idx.data_ptr(), out.data_ptr(), 1, 2, 1, 4, 0,
+                           torch.cuda.current_stream().cuda_stream, 0)
+    torch.cuda.synchronize()
+    if not torch.equal(out.view(-1), src[0, 1]):
+        raise RuntimeError(f"wrong result {out.view(-1).tolist()} (expected {src[0, 1].tolist()})")
+
+
+@functools.cache
+def extension_cuda_probe_reasons() -> list[str]:
+    """Why the extension's CUDA kernels cannot run on this driver and GPU, found by launching one
+    at first use: a build for the wrong architecture, or a CUDA runtime newer than the driver,
+    fails only then, and a training run should fall back rather than crash."""
+    try:
+        _probe_launch(extension())
+    except Exception as e:  # whatever the launch raises, the backend cannot run here
+        return [f"extension's CUDA kernels fail a probe launch here ({type(e).__name__}: {e}); rebuild it "
+                f"with the CUDA toolkit matching torch ({torch.version.cuda}) for this GPU"]
+    return []
 
 
 @functools.cache

@@ -34,7 +34,7 @@ def _cmd_flops(args) -> int:
 # Modules that add their own subcommands: each has `add_parser(subparsers)` which registers
 # one or more parsers with `set_defaults(fn=...)`, `fn(args) -> int` being the exit code.
 SUBCOMMAND_MODULES: list[str] = ["microdit.data.prepare", "microdit.train.cli", "microdit.train.demo",
-                                  "microdit.pipeline"]
+                                  "microdit.pipeline", "microdit.bench.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -277,8 +277,40 @@ class Trainer:
                                 model_config=self.raw.config)
             (loss / self.accum).backward()
             total += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        with torch.profiler.record_function("microdit::clip_grad_norm"):  # a category of `microdit bench`
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         return total / self.accum, grad_norm
+
+    def step_once(self, batches, stop: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One whole training step as `run` takes it (learning rate, `train_step`, the optimizer
+        step or a skip when non-finite, EMA); `microdit bench` times exactly this. `stop`: this
+        rank got a stop signal. Returns (loss, grad norm, whether every rank goes on)."""
+        t = self.cfg.train
+        set_lr(self.optimizer, lr_at(self.step, t.steps, self.cfg.optim))
+        loss, grad_norm = self.train_step(batches)
+        # One host-device sync per step: the price of skipping a non-finite step exactly. The
+        # flag is reduced over ranks so that every rank takes the same decision.
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor norm
+            grad_norm = grad_norm.full_tensor()
+        # A stop signal rides on the same reduction: if any rank got one, all stop after this step.
+        flags = torch.stack([(torch.isfinite(loss) & torch.isfinite(grad_norm)).float(),
+                             torch.tensor(0.0 if stop else 1.0, device=self.device)])
+        ok, go_on = (bool(f > 0) for f in distributed.all_reduce_min(flags, self.dist).tolist())
+        if ok:
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.bad_steps)
+            if self.bad_steps >= t.max_bad_steps:
+                raise NonFiniteLossError(f"{self.bad_steps} non-finite steps in a row at step {self.step}; stopping")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema and ok:
+            with torch.profiler.record_function("microdit::ema"):
+                self.ema.update(self.raw, self.step)
+        return loss, grad_norm, go_on
 
     def run(self) -> dict:
         t, cfg = self.cfg.train, self.cfg
@@ -299,29 +331,7 @@ class Trainer:
         losses = []
         self.model.train()
         while self.step < t.steps:
-            set_lr(self.optimizer, lr_at(self.step, t.steps, cfg.optim))
-            loss, grad_norm = self.train_step([next(it) for _ in range(self.accum)])
-            # One host-device sync per step: the price of skipping a non-finite step exactly. The
-            # flag is reduced over ranks so that every rank takes the same decision.
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor norm
-                grad_norm = grad_norm.full_tensor()
-            # A stop signal rides on the same reduction: if any rank got one, all stop after this step.
-            flags = torch.stack([(torch.isfinite(loss) & torch.isfinite(grad_norm)).float(),
-                                 torch.tensor(0.0 if signals.signum else 1.0, device=self.device)])
-            ok, go_on = (bool(f > 0) for f in distributed.all_reduce_min(flags, self.dist).tolist())
-            if ok:
-                self.optimizer.step()
-                self.bad_steps = 0
-            else:
-                self.bad_steps += 1
-                self.skipped_steps += 1
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.bad_steps)
-                if self.bad_steps >= t.max_bad_steps:
-                    raise NonFiniteLossError(f"{self.bad_steps} non-finite steps in a row at step {self.step}; stopping")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            if self.ema and ok:
-                self.ema.update(self.raw, self.step)
+            loss, grad_norm, go_on = self.step_once([next(it) for _ in range(self.accum)], stop=bool(signals.signum))
             for fn in self.callbacks:
                 fn(self, loss)
             if self.step % t.log_every == 0 or self.step == t.steps:
