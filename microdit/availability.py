@@ -74,11 +74,11 @@ def extension_cuda_reasons() -> list[str]:
 
 
 def _probe_launch(ext) -> None:
-    """One tiny kernel of the extension: gather row 1 of a (1, 2, 4) tensor; raises if it fails."""
+    """One tiny kernel of the extension: mask_tokens (gather) of row 1 of a (1, 2, 4) tensor; raises if it fails."""
     src = torch.arange(8, dtype=torch.float32, device="cuda").view(1, 2, 4)
     idx = torch.ones(1, 1, dtype=torch.int64, device="cuda")
     out = torch.empty(1, 1, 4, dtype=torch.float32, device="cuda")
-    ext.gather_tokens_cuda(src.data_ptr(), idx.data_ptr(), out.data_ptr(), 1, 2, 1, 4, 0,
+    ext.mask_tokens_cuda(src.data_ptr(), idx.data_ptr(), out.data_ptr(), 1, 2, 1, 4, 0,
                            torch.cuda.current_stream().cuda_stream, 0)
     torch.cuda.synchronize()
     if not torch.equal(out.view(-1), src[0, 1]):

@@ -4,7 +4,7 @@ import logging
 import pytest
 
 from microdit import availability
-from microdit.ops import moe_dispatch
+from microdit.ops import moe as moe_ops
 
 
 class FakeCudaExtension:
@@ -13,7 +13,7 @@ class FakeCudaExtension:
     def build_info(self):
         return {"cuda": True}
 
-    def gather_tokens_cuda(self, *args):
+    def mask_tokens_cuda(self, *args):
         raise RuntimeError("CUDA error: the provided PTX was compiled with an unsupported toolchain")
 
 
@@ -22,12 +22,12 @@ def failing_probe(monkeypatch):
     monkeypatch.setattr(availability, "extension", lambda: FakeCudaExtension())
     monkeypatch.setattr(availability, "cuda_reasons", lambda: [])  # as if a GPU were visible
     # The probe itself: what _probe_launch does with tensors, here without a GPU.
-    monkeypatch.setattr(availability, "_probe_launch", lambda ext: ext.gather_tokens_cuda())
+    monkeypatch.setattr(availability, "_probe_launch", lambda ext: ext.mask_tokens_cuda())
     availability.extension_cuda_probe_reasons.cache_clear()
-    moe_dispatch.moe_op._available.clear()
+    moe_ops.moe_op._available.clear()
     yield
     availability.extension_cuda_probe_reasons.cache_clear()
-    moe_dispatch.moe_op._available.clear()
+    moe_ops.moe_op._available.clear()
 
 
 def test_probe_failure_is_a_reason(failing_probe):
@@ -36,7 +36,7 @@ def test_probe_failure_is_a_reason(failing_probe):
 
 
 def test_registry_falls_back_with_the_probe_reason(failing_probe, caplog):
-    op = moe_dispatch.moe_op
+    op = moe_ops.moe_op
     assert "probe launch" in "; ".join(op.reasons("cuda"))
     assert op.default() != "cuda"
     # An explicit choice of the broken backend fails with the reason instead of crashing later.

@@ -77,14 +77,19 @@ def test_classify_rules():
     assert profile.classify(["aten::randn"], set()) == "other"
 
 
-def test_reference_backends_are_the_reference(monkeypatch):
-    with step.backend_choice("reference"):
-        from microdit.ops import token_mask
-
-        assert token_mask.mask_tokens_op.resolve(None) == "reference"
+def test_reference_backends_are_the_reference():
     import os
 
+    from microdit import info  # noqa: F401  (imports every op)
+    from microdit.ops.registry import ALL_OPS
+
+    with_ref = [op for op in ALL_OPS.values() if "reference" in op.impls]
+    assert len(with_ref) >= 5
+    with step.backend_choice("reference"):
+        assert all(op.resolve(None) == "reference" for op in with_ref)
     assert "MICRODIT_BACKEND" not in os.environ
+    with step.backend_choice("fast"):
+        assert all(op.resolve(None) is None for op in with_ref)  # the automatic choice
 
 
 def test_bad_inputs_name_the_input():
