@@ -73,10 +73,12 @@ class Block(nn.Module):
         model computed those of all blocks at once (one GEMM each)."""
         mod = self.adaLN_modulation(c) if mod is None else mod  # (B, 6d)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, d)
-        zero = torch.zeros_like(shift1)  # norm2 is not modulated
+        # norm2 is not modulated: shift = scale = 0 (two tensors: one passed twice to an
+        # autograd.Function is a graph break under torch.compile)
+        zero_shift, zero_scale = torch.zeros_like(shift1), torch.zeros_like(scale1)
         h = ln_modulate_ops.ln_modulate(x, self.norm1.weight, shift1, scale1, self.eps,
                                         backend=self.ln_backend)  # (B, N, d)
-        x, h = residual_ops.residual_ln_modulate(x, self.attn(h), gate1, self.norm2.weight, zero, zero, self.eps,
+        x, h = residual_ops.residual_ln_modulate(x, self.attn(h), gate1, self.norm2.weight, zero_shift, zero_scale, self.eps,
                                                  backend=self.residual_backend)  # (B, N, d) x 2
         x, h = residual_ops.residual_ln_modulate(x, self.cross_attn(h, y, kv), None, self.norm3.weight, shift2,
                                                  scale2, self.eps, backend=self.residual_backend)  # (B, N, d) x 2

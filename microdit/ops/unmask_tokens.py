@@ -23,9 +23,11 @@ def _ids_restore(ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
     Which order the dropped tokens take in the shuffle does not change the result (they all
     become `mask_token`), so they are appended in increasing index order.
     """
-    dropped = drop_mask(ids_keep, num_tokens).bool()
-    rest = torch.arange(num_tokens, device=ids_keep.device).expand(ids_keep.shape[0], -1)[dropped]
-    ids_shuffle = torch.cat([ids_keep, rest.view(ids_keep.shape[0], -1)], dim=1)
+    kept = 1 - drop_mask(ids_keep, num_tokens)  # (B, T): 1 where kept
+    # Dropped tokens first, each group in increasing index order (a stable sort); no boolean
+    # indexing, whose data-dependent shape is a graph break under torch.compile.
+    rest = torch.argsort(kept, dim=1, stable=True)[:, : num_tokens - ids_keep.shape[1]]
+    ids_shuffle = torch.cat([ids_keep, rest], dim=1)
     return torch.argsort(ids_shuffle, dim=1)
 
 

@@ -55,6 +55,9 @@ class OptimSection:
     schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr at the last step) or "constant"
     min_lr_ratio: float = 0.33
     grad_clip: float = 0.25
+    # AdamW's fused kernel (one launch for all parameters) or None: fused on CUDA, foreach on the
+    # CPU (the CPU's golden curves and resume checks were made with foreach; true opts in).
+    fused: bool | None = None
 
 
 @dataclass

@@ -30,8 +30,22 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
         groups.append({"params": expert, "lr_factor": cfg.moe_lr_factor, "name": "experts"})
     for g in groups:
         g["lr"] = cfg.lr * g["lr_factor"]
+    fused = use_fused(model, getattr(cfg, "fused", None))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, foreach=True)
+                             weight_decay=cfg.weight_decay, **({"fused": True} if fused else {"foreach": True}))
+
+
+def use_fused(model: torch.nn.Module, choice: bool | None) -> bool:
+    """Whether AdamW runs its fused kernel: `choice`, or (None) where the parameters are on CUDA.
+    An explicit True on a device without the kernel is an error naming the device."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = {p.device.type for p in model.parameters()}
+    if choice is None:
+        return devices == {"cuda"}
+    if choice and not devices <= set(_get_fused_kernels_supported_devices()):
+        raise ValueError(f"optim.fused=true: AdamW has no fused kernel for {sorted(devices)} parameters")
+    return bool(choice)
 
 
 def lr_at(step: int, total_steps: int, cfg) -> float:
