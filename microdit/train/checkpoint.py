@@ -10,13 +10,14 @@ import logging
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger("microdit.train")
 FORMAT = "microdit-train-checkpoint/1"
-_NAME = re.compile(r"step_(\d{8})\.pt$")
+_NAME = re.compile(r"step_(\d{8})\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder (train/dcp.py)
 
 
 class TrainCheckpointError(RuntimeError):
@@ -75,26 +76,33 @@ class CheckpointManager:
         self.dir = Path(directory)
         self.keep = keep
 
-    def path_for(self, step: int) -> Path:
-        return self.dir / f"step_{step:08d}.pt"
+    def path_for(self, step: int, kind: str = "pt") -> Path:
+        return self.dir / f"step_{step:08d}.{kind}"
 
     def list(self) -> list[Path]:
-        """Checkpoint files, oldest first."""
+        """Checkpoint files (and DCP folders), oldest first."""
         if not self.dir.exists():
             return []
-        return sorted(p for p in self.dir.iterdir() if _NAME.match(p.name))
+        return sorted((p for p in self.dir.iterdir() if _NAME.match(p.name)), key=lambda p: (p.name[:13], p.name))
 
     def save(self, state: dict, step: int) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path_for(step)
         _atomic_write(path, lambda f: torch.save({"format": FORMAT, "step": step, **state}, f))
-        _atomic_write(self.dir / "latest", lambda f: f.write(path.name.encode() + b"\n"))
-        for old in self.list()[: -self.keep] if self.keep > 0 else []:
-            old.unlink(missing_ok=True)
+        self.commit(path)
         return path
 
-    def load_latest(self) -> tuple[dict, Path] | None:
-        """The newest readable checkpoint (by `latest`, then by step), or None if there is none."""
+    def commit(self, path: Path) -> None:
+        """Point `latest` at the newly written `path`, then drop checkpoints beyond `keep`."""
+        _atomic_write(self.dir / "latest", lambda f: f.write(path.name.encode() + b"\n"))
+        for old in self.list()[: -self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+
+    def load_latest(self, sharded: bool = False) -> tuple[dict, Path] | None:
+        """The newest readable checkpoint (by `latest`, then by step), or None if there is none.
+
+        With `sharded`, a DCP folder gives only its non-tensor state (`dcp.read_extra`, with
+        `tensor_shapes`): the caller loads the shards into its own layout."""
         candidates = self.list()[::-1]
         pointer = self.dir / "latest"
         if pointer.exists():
@@ -104,6 +112,10 @@ class CheckpointManager:
                 candidates.insert(0, named)
         for path in candidates:
             try:
+                if sharded and path.is_dir():
+                    from . import dcp
+
+                    return dcp.read_extra(path), path
                 return load_checkpoint(path), path
             except UnsafeCheckpointError:
                 raise  # a planted file is reported, not skipped in favour of an older one
@@ -129,8 +141,16 @@ def safe_load(path):
 
 
 def load_checkpoint(path) -> dict:
-    """Read a training checkpoint; a truncated or foreign file raises TrainCheckpointError naming it."""
+    """Read a training checkpoint (a .pt file or a DCP folder, whole tensors either way); a truncated or
+    foreign file raises TrainCheckpointError naming it."""
     path = Path(path)
+    if path.is_dir():
+        from . import dcp
+
+        state = dcp.load_full(path)
+        if state.get("format") != FORMAT:
+            raise TrainCheckpointError(f"{path}: not a microdit DCP training checkpoint")
+        return state
     try:
         state = safe_load(path)
     except UnsafeCheckpointError:
@@ -148,7 +168,7 @@ def load_checkpoint(path) -> dict:
 def resolve_checkpoint(path) -> Path:
     """A checkpoint file, or a training output directory meaning its latest checkpoint."""
     p = Path(path)
-    if p.is_file():
+    if p.is_file() or (p.is_dir() and _NAME.match(p.name)):
         return p
     for d in (p / "checkpoints", p):
         if (d / "latest").exists():

@@ -97,6 +97,9 @@ class TrainSection:
     log_every: int = 10
     ckpt_every: int = 500
     keep_checkpoints: int = 3
+    # "full": one file of whole tensors, gathered on rank 0; "dcp": a folder of every rank's shards
+    # (torch.distributed.checkpoint), resumable on another number of ranks (see train/dcp.py).
+    checkpoint: str = "full"
     sample_every: int = 0  # 0: only at the end
     sample_prompts: list = field(default_factory=lambda: [
         "a large red circle in the center",
@@ -302,6 +305,8 @@ def validate(cfg: TrainConfig) -> None:
                           f"got {cfg.fp8.backend!r}")
     if cfg.fp8.recipe not in ("tensorwise", "rowwise", "delayed"):
         raise ConfigError(f"fp8.recipe must be tensorwise, rowwise or delayed; got {cfg.fp8.recipe!r}")
+    if t.checkpoint not in ("full", "dcp"):
+        raise ConfigError(f"train.checkpoint must be full or dcp; got {t.checkpoint!r}")
     if t.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"train.parallel must be ddp or fsdp; got {t.parallel!r}")
     if cfg.optim.schedule not in ("cosine", "constant"):

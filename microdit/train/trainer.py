@@ -27,7 +27,7 @@ from ..models.microdit import MicroDiT
 from ..models.presets import preset_config
 from ..ops.keep_indices import keep_indices
 from . import distributed
-from .checkpoint import (CheckpointManager, TrainCheckpointError, UnsafeCheckpointError, load_checkpoint,
+from .checkpoint import (FORMAT, CheckpointManager, TrainCheckpointError, UnsafeCheckpointError, load_checkpoint,
                          resolve_checkpoint)
 from .config import TrainConfig
 from .ema import EMA
@@ -166,8 +166,9 @@ class Trainer:
             fp8.convert(self.raw, backend=cfg.fp8.backend, recipe=cfg.fp8.recipe)
         fp8_attention = cfg.model.backends.get("attention") == "transformer_engine"
         self.fp8_context = lambda: fp8.autocast(self.raw, fp8_attention=fp8_attention)  # a fresh one per use
-        self.ema = EMA(self.raw, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
         self.model = distributed.wrap(self.raw, self.dist, t.parallel)
+        # After wrapping: under FSDP2 the EMA then holds this rank's shards only, like the parameters.
+        self.ema = EMA(self.raw, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.forward = torch.compile(self.model) if t.compile else self.model
         self.ckpts = CheckpointManager(self.out / "checkpoints", keep=t.keep_checkpoints)
@@ -181,11 +182,9 @@ class Trainer:
         self.metrics = MetricsWriter(self.out, enabled=self.dist.is_main, tensorboard=t.tensorboard)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
+    def _extra_state(self) -> dict:
+        """Everything but the model, optimizer and EMA tensors."""
         return {
-            "model": get_model_state_dict(self.model, options=FULL),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=FULL),
-            "ema": self.ema.state_dict() if self.ema else None,
             "fp8_scaling": fp8.scaling_state(self.raw),  # beside the published-format model state
             "step": self.step,
             "skipped_steps": self.skipped_steps,
@@ -197,7 +196,39 @@ class Trainer:
             "world_size": self.dist.world_size,
         }
 
+    def state_dict(self) -> dict:
+        """The whole state with full tensors (gathered under FSDP: a collective)."""
+        return {
+            "model": get_model_state_dict(self.model, options=FULL),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=FULL),
+            "ema": self.ema.state_dict() if self.ema else None,
+            **self._extra_state(),
+        }
+
+    def _sharded_tensors(self) -> tuple[dict, list]:
+        """(model, optimizer and EMA tensors as this rank holds them, the optimizer's param_groups)."""
+        optim = get_optimizer_state_dict(self.model, self.optimizer)
+        tensors = {"model": get_model_state_dict(self.model), "optimizer": optim["state"]}
+        if self.ema:
+            tensors["ema"] = self.ema.sharded_state_dict()["shadow"]
+        return tensors, optim["param_groups"]
+
     def save(self) -> Path | None:
+        """A checkpoint of the current step: one full file from rank 0, or a DCP folder from every rank."""
+        if self.cfg.train.checkpoint == "dcp":
+            from . import dcp
+
+            tensors, groups = self._sharded_tensors()
+            extra = {"format": FORMAT, "kind": "dcp", **self._extra_state(), "param_groups": groups,
+                     "ema_meta": {"decay": self.ema.decay, "start_step": self.ema.start_step} if self.ema else None}
+            path = self.ckpts.path_for(self.step, "dcp")
+            if self.dist.is_main:
+                self.ckpts.dir.mkdir(parents=True, exist_ok=True)
+            dcp.save(path, tensors, extra, is_main=self.dist.is_main, barrier=lambda: distributed.barrier(self.dist))
+            if self.dist.is_main:
+                self.ckpts.commit(path)
+            distributed.barrier(self.dist)
+            return path if self.dist.is_main else None
         state = self.state_dict()  # collective under FSDP: every rank takes part
         path = None
         if self.dist.is_main:
@@ -206,30 +237,66 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        found = self.ckpts.load_latest()
+        found = self.ckpts.load_latest(sharded=True)
         if found is None:
             log.info("no checkpoint in %s: starting from scratch", self.ckpts.dir)
             return
         state, path = found
-        self._check_same_model(state, path)
-        if state["world_size"] != self.dist.world_size:
-            raise TrainCheckpointError(f"{path}: written by {state['world_size']} ranks, resuming on "
-                                       f"{self.dist.world_size} (the data order would change)")
-        set_model_state_dict(self.model, state["model"], options=FULL)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL)
-        if self.ema:
-            self.ema.load_state_dict(state["ema"])
+        sharded = state.get("kind") == "dcp"
+        if sharded:
+            shapes = {k[len("model."):]: v for k, v in state["tensor_shapes"].items() if k.startswith("model.")}
+        else:
+            shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
+        self._check_same_model(shapes, state, path)
+        data = self._data_state_for_this_world(state, path, sharded)
+        if sharded:
+            from . import dcp
+
+            tensors, _ = self._sharded_tensors()
+            dcp.load_into(path, tensors)  # reshards onto this run's ranks
+            set_model_state_dict(self.model, tensors["model"])
+            set_optimizer_state_dict(self.model, self.optimizer,
+                                     {"state": tensors["optimizer"], "param_groups": state["param_groups"]})
+            if self.ema:
+                self.ema.load_state_dict(dict(state["ema_meta"], shadow=tensors["ema"]))
+        else:
+            set_model_state_dict(self.model, state["model"], options=FULL)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL)
+            if self.ema:
+                self.ema.load_state_dict(state["ema"])
         fp8.load_scaling_state(self.raw, state.get("fp8_scaling", {}))
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
-        self.loader.load_state_dict(state["data"])
+        self.loader.load_state_dict(data)
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
 
-    def _check_same_model(self, state: dict, path) -> None:
+    def _data_state_for_this_world(self, state: dict, path, sharded: bool) -> dict:
+        """The loader state to continue from on this run's ranks.
+
+        Another world size gives the same batches when the global micro-batch (micro_batch x ranks)
+        is unchanged: rank r takes samples r, r + W, ... of each global micro-batch, in the loader
+        and in the trainer's noise, so only the per-rank batch size and the world size change."""
+        data, saved_world = dict(state["data"]), state["world_size"]
+        if saved_world == self.dist.world_size:
+            return data
+        saved_micro = state["config"]["train"]["micro_batch"]
+        now_micro = self.cfg.train.micro_batch
+        if not sharded or saved_micro * saved_world != now_micro * self.dist.world_size:
+            raise TrainCheckpointError(
+                f"{path}: written by {saved_world} ranks x micro_batch {saved_micro}, resuming on "
+                f"{self.dist.world_size} x {now_micro}; the data order would change. Resume on another number of "
+                "ranks from a train.checkpoint=dcp checkpoint with train.micro_batch x ranks unchanged "
+                f"({saved_micro * saved_world})")
+        for key, value in (("world_size", self.dist.world_size), ("batch_size", now_micro), ("rank", self.dist.rank)):
+            if key in data:
+                data[key] = value
+        log.info("%s: written on %d ranks, resuming on %d", path, saved_world, self.dist.world_size)
+        return data
+
+    def _check_same_model(self, saved: dict, state: dict, path) -> None:
         """A checkpoint of another model (say another preset) fails in one message naming the file and
-        summarising the differences, instead of one line per mismatched tensor."""
+        summarising the differences, instead of one line per mismatched tensor. `saved`: name -> shape."""
         own = {k: tuple(v.shape) for k, v in self.raw.state_dict().items()}
-        saved = {k: tuple(v.shape) for k, v in state["model"].items()}
         differ = [k for k in own if k in saved and own[k] != saved[k]]
         missing, extra = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
         if not (differ or missing or extra):
@@ -378,7 +445,7 @@ class Trainer:
             return None
         # Full weights on every rank (a collective under FSDP), then the main rank samples alone
         # with a plain copy of the model, so sharded training is never stepped by one rank.
-        weights = self.ema.shadow if self.ema else get_model_state_dict(self.model, options=FULL)
+        weights = self.ema.full_state_dict() if self.ema else get_model_state_dict(self.model, options=FULL)
         path = None
         if self.dist.is_main:
             from .sampling import encoders_from, generate, save_grid
