@@ -49,3 +49,10 @@ def test_empty_or_unusable_source_is_refused(tmp_path):
         prepare(str(bad), tmp_path / "out2", resolutions=[16], text_encoder=TinyTextEncoder(), workers=0,
                 progress=False)
     assert not (tmp_path / "out2" / "index.json").exists()
+
+
+def test_bad_safetensors_names_its_path(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(CheckpointError, match=f"cannot read {bad} as safetensors"):
+        load_reference(bad)

@@ -93,3 +93,16 @@ def test_train_reports_a_corrupt_shard_before_the_first_step(clean, tmp_path, ca
     metrics = out / "metrics.jsonl"
     assert not (metrics.exists() and metrics.read_text().strip()), "a step was trained on corrupt data"
     assert not (out / "checkpoints").exists()
+
+
+def test_train_takes_yaml11_float_overrides(clean, tmp_path, capsys, monkeypatch):
+    from microdit.train.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "sample_grid", lambda self: None)  # the test text encoder cannot be rebuilt
+    out = tmp_path / "run"
+    code = microdit_main(["train", "--data", str(clean), "--out", str(out), "optim.lr=1e-4", "train.steps=3",
+                          "data.resolution=16", "model.preset=MicroDiT_Test_2", "train.micro_batch=4",
+                          "train.global_batch=4", "train.tensorboard=false", "train.log_every=1"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [1, 2, 3] and json.loads((out / "config.json").read_text())["optim"]["lr"] == 1e-4

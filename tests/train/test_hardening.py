@@ -61,8 +61,9 @@ def test_planted_pickle_never_runs(tmp_path, zip_format, capsys):
     # sample and eval, as a user runs them (the CLI prints the error and exits 1)
     assert microdit_main(["sample", str(run_dir), "a red circle", "--out", str(tmp_path / "s")]) == 1
     assert microdit_main(["eval", str(evil), "--out", str(tmp_path / "e.json"), "--num", "1"]) == 1
+    assert microdit_main(["export", str(run_dir), "--to", str(tmp_path / "x"), "--format", "published"]) == 1
     err = capsys.readouterr().err
-    assert err.count("microdit: error:") == 2 and str(evil) in err and "refused to unpickle" in err
+    assert err.count("microdit: error:") == 3 and str(evil) in err and "refused to unpickle" in err
     # --resume: reported, not skipped in favour of an older checkpoint
     cfg = load_config(None, TINY + [f"out={run_dir}"])
     with pytest.raises(UnsafeCheckpointError, match=evil.name):
@@ -89,6 +90,16 @@ def test_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, monkey
     state, path = mgr.load_latest()
     assert path.name == "step_00000001.pt" and torch.equal(state["model"]["w"], torch.ones(3))
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_full_disk_message():
+    import errno
+
+    from microdit.cli import _message
+
+    msg = _message(OSError(errno.ENOSPC, "No space left on device", "/runs/a/checkpoints/step_00000002.pt"), "x")
+    assert msg.startswith("no space left on device writing /runs/a/checkpoints/step_00000002.pt; free space")
+    assert "unexpected pos" not in msg
 
 
 def test_overrides_are_typed_and_ranged(tmp_path):
