@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benches.conftest import git_commit
+from microdit.bench.timing import git_commit
 from microdit.availability import dali_reasons
 from microdit.data.loader import ShardLoader
 from microdit.data.prepare import prepare

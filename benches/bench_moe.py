@@ -2,21 +2,24 @@
 
 Shapes of MicroDiT_XL_2 (8 experts, capacity 2): the patch mixer (d = 768, hidden 3072) over
 all T = 256 tokens at 256 px and T = 1024 at 512 px, and an MoE backbone block (d = 1024,
-hidden 3840) over the kept tokens with 75% masking (64 at 256 px, 256 at 512 px). Batch per
+hidden 3840, the last; hidden 768, the first, by layer-wise scaling) over the kept tokens with 75%
+masking (64 at 256 px, 256 at 512 px). Batch per
 GPU 256 at 256 px and 32 at 512 px, in bfloat16; on the CPU batch 8 and 2, in float32.
 
     pytest benches/bench_moe.py --benchmark-columns=min,mean,rounds
     pytest benches/bench_moe.py -k "cpu and xl-mixer-512px and both"   # the CPU bar
 
 TFLOP/s counts the experts' useful FLOPs and the router only (not the reference's one-hot work);
-on a GPU it is also given as a fraction of the measured dense bf16 matmul rate. GPU times are
-CUDA-event medians (triton.testing.do_bench) when Triton is installed. A summary with the ratio
+on a GPU it is also given as fractions of the measured dense bf16 matmul rate and of the
+datasheet's bf16 peak. GPU times are CUDA-event medians with L2 flushed before each call
+(triton.testing.do_bench when Triton is installed, else microdit.bench.timing's timer). A summary with the ratio
 to the reference backend is written to benches/results/moe-<device>.json.
 """
 import pytest
 import torch
 
-from benches.common import ResultLog, matmul_tflops, runnable_backends, skip_unless_runs_here, time_passes
+from benches.common import ResultLog, matmul_tflops, peak_fractions, runnable_backends, skip_unless_runs_here, time_passes
+from microdit.bench import timing
 from microdit.ops import moe
 
 SHAPES = {
@@ -25,6 +28,9 @@ SHAPES = {
     "xl-mixer-512px": (2, 32, 1024, 768, 3072),
     "xl-backbone-256px-mask75": (8, 256, 64, 1024, 3840),
     "xl-backbone-512px-mask75": (2, 32, 256, 1024, 3840),
+    # The first MoE backbone block: layer-wise scaling gives it hidden 768 (the last has 3840).
+    "xl-backbone-256px-mask75-h768": (8, 256, 64, 1024, 768),
+    "xl-backbone-512px-mask75-h768": (2, 32, 256, 1024, 768),
 }
 E, CAP = 8, 2.0
 ROUNDS = {"cpu": 7, "cuda": 20}
@@ -69,7 +75,7 @@ def test_moe(benchmark, device, shape, backend, passes, log, peak):
     tflops = useful_flops(B, T, d, h, passes) / sec / 1e12
     info = dict(device=device, dtype=str(dtype), shape=shape, backend=backend, passes=passes, B=B, T=T, d=d, hidden=h,
                 experts=E, capacity=CAP, ms=sec * 1e3, tflops=tflops)
-    if peak:
-        info.update(matmul_tflops=peak, fraction_of_matmul=tflops / peak)
+    if device == "cuda":  # against the bf16 matmul measured here and the datasheet's bf16 peak
+        info.update(peak_fractions(tflops, peak, timing.datasheet_tflops(timing.device_name("cuda"), "bf16"), "tflops"))
     benchmark.extra_info.update(info)
     log.add(info)

@@ -7,36 +7,38 @@ from pathlib import Path
 import pytest
 import torch
 
-from benches.conftest import device_name, git_commit, sync
 from microdit import availability
+from microdit.bench import timing
+from microdit.bench.timing import device_name, git_commit, sync
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def cuda_event_ms(fn) -> float:
-    """Median milliseconds of fn() on the current CUDA stream, by CUDA events."""
+    """Median milliseconds of fn() on the current CUDA stream by CUDA events, with L2 flushed
+    before each call: triton.testing.do_bench where Triton is installed (it flushes the same
+    way), else microdit.bench.timing's event timer."""
     tri = availability.triton()
     if tri:
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median"))
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(20):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return timing.cuda_event_ms(fn)
 
 
-def matmul_tflops(n: int = 8192) -> float:
-    """This GPU's dense bf16 matmul rate (torch.matmul, n x n x n), TFLOP/s."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n**3 / (cuda_event_ms(lambda: a @ b) / 1e3) / 1e12
+def matmul_tflops() -> float:
+    """This GPU's dense bf16 matmul rate measured now (8192^3), TFLOP/s."""
+    return timing.matmul_tflops("cuda")
+
+
+def peak_fractions(value: float, measured: float | None, datasheet: float | None, unit: str) -> dict:
+    """`value` as a fraction of the measured and of the datasheet ceiling (where known)."""
+    out = {}
+    if measured:
+        out.update({f"measured_{unit}": measured, "fraction_of_measured": value / measured})
+    if datasheet:
+        out.update({f"datasheet_{unit}": datasheet, "fraction_of_datasheet": value / datasheet})
+    return out
 
 
 class ResultLog:

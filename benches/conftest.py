@@ -1,27 +1,7 @@
-"""Shared benchmark helpers: device description and timing that is honest on CPU and GPU."""
-import platform
-import subprocess
-
+"""Benchmark fixtures: the devices to time on and the copy-bandwidth ceiling (the helpers are in
+benches/common.py and microdit/bench/timing.py)."""
 import pytest
 import torch
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:  # not a checkout: the results still count, without a commit
-        return "unknown"
-
-
-def sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))

@@ -57,11 +57,16 @@ find_nvcc() {
 }
 
 build() {
-  if [ "$DRY" = 1 ]; then
-    MICRODIT_CUDA=0 "$PY" setup.py build_ext --inplace
+  local nvcc
+  if [ "$DRY" = 1 ]; then  # the CPU rehearsal: no nvcc; rebuild only an extension that is missing or stale
+    echo "nvcc matching torch: $(find_nvcc || echo none)"
+    if "$PY" -c "import sys; from microdit import availability as a; sys.exit(0 if a.extension() else 1)"; then
+      echo "extension present and current: not rebuilt in the rehearsal"
+    else
+      MICRODIT_CUDA=0 "$PY" setup.py build_ext --inplace
+    fi
     return
   fi
-  local nvcc
   if ! nvcc=$(find_nvcc); then
     echo "no nvcc matching torch.version.cuda; building CPU-only (the CUDA backends will be unavailable)"
     MICRODIT_CUDA=0 "$PY" setup.py build_ext --inplace
@@ -75,11 +80,11 @@ build() {
 if [ "$DRY" = 1 ]; then
   PRESET=MicroDiT_Test_2; DEV=cpu; STEPS="--steps 1 --warmup 0 --micro-batch 1"
   MODES=eager; COMPILED=""; TESTS="tests/bench/test_cost.py"
-  KBENCH="benches/bench_train_step.py -k eager"
+  KBENCH="benches/bench_train_step.py -k eager"; export MICRODIT_BENCH_PRESET=$PRESET
   T_ENV=60 T_BUILD=300 T_TESTS=120 T_KB=120 T_BENCH=300 T_FP8=120
 else
   PRESET=MicroDiT_XL_2; DEV=cuda; STEPS="--steps 10 --warmup 3"
-  MODES=eager,compiled; COMPILED="--compiled-phases 1"; TESTS="tests -m gpu"
+  MODES=eager,compiled; COMPILED="--compiled-phases 1"; TESTS="tests -m gpu --continue-on-collection-errors"
   KBENCH="benches -k cuda --ignore=benches/bench_train_step.py"
   # 20 + 120 + 45 + 45 + 180 + 45 + 15 (+ info 10) = 480 s at most: the 8 minutes of one call.
   T_ENV=20 T_BUILD=120 T_TESTS=45 T_KB=45 T_BENCH=180 T_FP8=45

@@ -4,14 +4,16 @@ bench_unmask_unpatchify): shapes, inputs, bytes moved, timing and the summary ro
 Shapes of MicroDiT_XL_2: mixer width 768 at 256 px (T = 256, K = 64) and 512 px (T = 1024,
 K = 256), batch per GPU 256 and 32 (CPU: 8 and 2); un-masking at p*p*C = 16 features (patch 2,
 4 latent channels), on a 16x16 or 32x32 token grid. GB/s count the bytes read + written by the
-op itself; on a GPU also as a fraction of the measured copy bandwidth (a large tensor's clone).
+op itself (the masking backward: K rows read, T written, as its zero-filled scatter does); on a
+GPU also as fractions of the measured copy bandwidth (a large tensor's clone) and the datasheet's.
 """
 import math
 
 import pytest
 import torch
 
-from benches.common import ResultLog, runnable_backends, skip_unless_runs_here, time_passes
+from benches.common import ResultLog, peak_fractions, runnable_backends, skip_unless_runs_here, time_passes
+from microdit.bench import timing
 from microdit.ops.keep_indices import keep_indices, keep_indices_op
 from microdit.ops.mask_tokens import mask_tokens, mask_tokens_op
 from microdit.ops.unmask_tokens import unmask_tokens, unmask_tokens_op
@@ -44,12 +46,15 @@ def bench_token_op(benchmark, device, shape, op, backend, passes, log, copy_gbps
     grid = int(math.isqrt(T))
     if op == "keep_indices":
         fn = lambda: keep_indices(B, T, ratio, device=device, generator=g, backend=backend)
-        inputs, go, moved = (), None, B * T * 4 + B * K * 8  # noise read, indices written
+        inputs, go = (), None
+        fwd_bytes = bwd_bytes = B * T * 4 + B * K * 8  # noise read, indices written
     elif op == "mask":
         x = torch.randn(B, T, D_MIXER, device=device, dtype=dtype, requires_grad=True)
         fn = lambda: mask_tokens(x, keep, backend=backend)
         inputs, go = (x,), torch.randn(B, K, D_MIXER, device=device, dtype=dtype)
-        moved = 2 * B * K * D_MIXER * x.element_size()  # read K rows, write K rows
+        fwd_bytes = 2 * B * K * D_MIXER * x.element_size()  # read K rows, write K rows
+        # The backward scatters into a zeroed (B, T, D) gradient: K rows read, all T rows written.
+        bwd_bytes = (B * T + B * K) * D_MIXER * x.element_size()
     else:
         x = torch.randn(B, K, P, device=device, dtype=dtype, requires_grad=True)
         mt = torch.randn(1, 1, P, device=device, dtype=dtype, requires_grad=True)
@@ -60,15 +65,17 @@ def bench_token_op(benchmark, device, shape, op, backend, passes, log, copy_gbps
             fn = lambda: unmask_unpatchify(x, keep, T, mt, grid, grid, PATCH, CHANNELS, backend=backend)
             go = torch.randn(B, CHANNELS, grid * PATCH, grid * PATCH, device=device, dtype=dtype)
         inputs = (x, mt)
-        moved = (B * T + B * K) * P * x.element_size()  # read K rows, write T rows
+        # Forward: read K rows, write T; backward: read all T gradient rows (K gathered, the other
+        # T - K summed into mask_token's gradient), write K.
+        fwd_bytes = bwd_bytes = (B * T + B * K) * P * x.element_size()
     rounds = 20 if device == "cuda" or op != "keep_indices" else 10
     sec = time_passes(benchmark, device, fn, inputs, go, passes, rounds, warmup_rounds=2)
-    factor = {"forward": 1, "backward": 1, "both": 2}[passes]
-    gbps = factor * moved / sec / 1e9
+    moved = {"forward": fwd_bytes, "backward": bwd_bytes, "both": fwd_bytes + bwd_bytes}[passes]
+    gbps = moved / sec / 1e9
     info = dict(device=device, dtype=str(dtype), shape=shape, op=op, backend=backend, passes=passes,
                 B=B, T=T, K=K, ms=sec * 1e3, gb_per_s=gbps)
-    if copy_gbps:
-        info.update(copy_gb_per_s=copy_gbps, fraction_of_copy=gbps / copy_gbps)
+    if device == "cuda":  # against the copy bandwidth measured here and the datasheet's
+        info.update(peak_fractions(gbps, copy_gbps, timing.datasheet_gbps(timing.device_name("cuda")), "gb_per_s"))
     benchmark.extra_info.update(info)
     log.add(info)
 

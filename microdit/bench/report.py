@@ -78,10 +78,12 @@ def run(spec: StepSpec, phases=(1,), backends=BACKENDS, modes=MODES, precisions=
 
 
 def results_stem(results: dict) -> str:
-    """<date>-<device>: the results file's name without its extension."""
+    """<date>-<device> (then -<preset> for any preset but MicroDiT_XL_2): the results file's name
+    without its extension."""
     day = results["meta"]["date"].split()[0]
     dev = re.sub(r"[^a-z0-9]+", "-", results["device"].lower()).strip("-")[:40]
-    return f"{day}-{dev}"
+    preset = "" if results["preset"] == "MicroDiT_XL_2" else "-" + results["preset"]
+    return f"{day}-{dev}{preset}"
 
 
 def _fmt(v, spec):

@@ -24,6 +24,16 @@ DATASHEET_TFLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
+# Memory bandwidth from the datasheets, GB/s: the ceiling of a pure data-movement op.
+DATASHEET_GBPS: list[tuple[str, float]] = [("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),
+                                           ("H200", 4800.0), ("A100-SXM4-80GB", 2039.0), ("A100", 1555.0)]
+
+
+def datasheet_gbps(name: str) -> float | None:
+    """The datasheet memory bandwidth of device `name`, or None where it is not known."""
+    return next((v for key, v in DATASHEET_GBPS if key in name), None)
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
