@@ -5,7 +5,8 @@ shift = scale = 0) and the cross-attention output into norm3 + modulate (gate = 
 
 Backends: reference (the published ops one after the other), torch (the residual add, then the
 ln_modulate torch node) and triton (one kernel writes h and y; the backward is the ln_modulate
-kernel plus the residual's elementwise gradient).
+kernel plus the residual's elementwise gradient). As for ln_modulate, the automatic choice
+is triton where it runs, else reference (the torch backend is slower in eager mode on a CPU).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def residual_ln_modulate_reference(x, branch, gate, weight, shift, scale, eps):
     return h, ln_modulate_reference(h, weight, shift, scale, eps)
 
 
-@residual_ln_modulate_op.register("torch", priority=10)
+@residual_ln_modulate_op.register("torch", priority=-5)
 def residual_ln_modulate_torch(x, branch, gate, weight, shift, scale, eps):
     h = gated(x, branch, gate)  # (B, N, D)
     return h, ln_modulate_torch(h, weight, shift, scale, eps)
