@@ -21,10 +21,12 @@ def cmd_bench(args) -> int:
         return cmd_report(args)
     if args.action is not None:
         raise SystemExit(f"microdit bench: unknown action {args.action!r} (the only one is `report`)")
-    for name, allowed in (("backends", step.BACKENDS), ("modes", step.MODES)):
-        bad = set(getattr(args, name)) - set(allowed)
-        if bad:
-            raise SystemExit(f"microdit bench: --{name} {sorted(bad)} unknown (choose from {', '.join(allowed)})")
+    bad = set(args.modes) - set(step.MODES)
+    if bad:
+        raise SystemExit(f"microdit bench: --modes {sorted(bad)} unknown (choose from {', '.join(step.MODES)})")
+    for b in args.backends:
+        if step.backends_reasons(b):
+            raise SystemExit(f"microdit bench: --backends: " + "; ".join(step.backends_reasons(b)))
     phases = args.phase if args.phase else ([] if args.latent_size and args.mask_ratio is not None else [1])
     spec = step.StepSpec(preset=args.preset, latent_size=args.latent_size, mask_ratio=args.mask_ratio,
                          micro_batch=args.micro_batch, device=args.device, steps=args.steps, warmup=args.warmup,
@@ -71,7 +73,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, help="measured steps (default 20 on a GPU, 5 on the CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5 on a GPU, 2 on the CPU)")
-    p.add_argument("--backends", type=_csv, default=["reference", "fast"], help="reference,fast")
+    p.add_argument("--backends", type=_csv, default=["reference", "fast"], help="reference,fast, or OP=BACKEND[+OP=BACKEND] configurations (attention=flash_attn)")
     p.add_argument("--modes", type=_csv, default=["eager", "compiled"], help="eager,compiled")
     p.add_argument("--compiled-phases", type=int, nargs="+", choices=[1, 2, 3, 4],
                    help="run the compiled configurations only in these phases (the others are listed as skipped)")

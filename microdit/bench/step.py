@@ -27,6 +27,26 @@ PHASES = {1: ("phase1", 32, 0.75), 2: ("phase2", 32, 0.0), 3: ("phase3", 64, 0.7
 # is one entry here plus its case in `precision_reasons`.
 PRECISIONS = ("fp32", "bf16", "fp8")
 BACKENDS = ("reference", "fast")  # reference: every op's published computation; fast: the automatic choice
+# Besides those two, a configuration may pin ops: "attention=flash_attn" (the rest automatic), or
+# several joined by "+": "attention=transformer_engine+ln_modulate=triton".
+
+
+def backends_reasons(name: str) -> list[str]:
+    """Why `name` is not a backends configuration (empty when it is)."""
+    if name in BACKENDS:
+        return []
+    from ..ops import import_all
+    from ..ops.registry import ALL_OPS
+
+    import_all()
+    reasons = []
+    for part in name.split("+"):
+        op, sep, backend = part.partition("=")
+        if not sep or op not in ALL_OPS or backend not in ALL_OPS[op].impls:
+            known = ", ".join(f"{o}=" + "|".join(ALL_OPS[o].impls) for o in sorted(ALL_OPS)) if op not in ALL_OPS else \
+                "|".join(ALL_OPS[op].impls)
+            reasons.append(f"{part!r} is not reference, fast or OP=BACKEND (known: {known})")
+    return reasons
 MODES = ("eager", "compiled")
 
 
@@ -131,6 +151,8 @@ def backend_choice(backends: str):
     old = os.environ.pop("MICRODIT_BACKEND", None)
     if backends == "reference":
         os.environ["MICRODIT_BACKEND"] = "reference"
+    elif backends != "fast":  # OP=BACKEND[+OP=BACKEND...]: the registry's per-op switch
+        os.environ["MICRODIT_BACKEND"] = backends.replace("+", ",")
     try:
         yield
     finally:
