@@ -112,28 +112,65 @@ def _split_generate(pipe, prompts, info, **kw):
 
 
 def cmd_eval(args) -> int:
+    if args.protocol:
+        return _cmd_eval_protocol(args)
     from ..eval.shapes_eval import ShapesEval, eval_prompts
     from ..pipeline import MicroDiTPipeline
     from . import distributed
 
+    if not args.out:
+        raise ValueError("microdit eval: --out REPORT.json is required (or --protocol NAME --out DIR)")
+    steps, guidance, seed = (30 if args.steps is None else args.steps, 5.0 if args.guidance is None else args.guidance,
+                             0 if args.seed is None else args.seed)
     info = distributed.setup(args.device)
     _logging(info.is_main)
     try:
         # float32, as the scores were measured; the same sampling path as `microdit generate`.
         pipe = MicroDiTPipeline.from_run(args.checkpoint, ema=args.ema, device=info.device, dtype="float32")
-        prompts = [p.prompt for p in eval_prompts(args.num, args.seed)]
-        images = _split_generate(pipe, prompts, info, num_per_prompt=1, steps=args.steps,
-                                 guidance=args.guidance, seed=args.seed)
+        prompts = [p.prompt for p in eval_prompts(120 if args.num is None else args.num, seed)]
+        images = _split_generate(pipe, prompts, info, num_per_prompt=1, steps=steps,
+                                 guidance=guidance, seed=seed)
         if info.is_main:
             scores = ShapesEval().score(images, prompts)
             report = {"checkpoint": str(args.checkpoint), "ema": args.ema, "num_prompts": len(prompts),
-                      "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+                      "steps": steps, "guidance": guidance, "seed": seed,
                       **{k: v for k, v in scores.items() if k != "details"}}
             if args.details:
                 report["details"] = scores.get("details")
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=2))
             print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=2))
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def _cmd_eval_protocol(args) -> int:
+    """`microdit eval CHECKPOINT --protocol NAME|FILE`: generation over the ranks, metrics and report on rank 0."""
+    from ..eval.protocol import load_protocol, run_protocol
+    from . import distributed
+
+    over: dict = {}
+    for key, value in (("steps", args.steps), ("guidance", args.guidance), ("seed", args.seed),
+                       ("batch_size", args.batch_size)):
+        if value is not None:
+            over.setdefault("sampler", {})[key] = value
+    if args.ema:
+        over.setdefault("sampler", {})["ema"] = True
+    if args.num is not None:
+        over["captions"] = {"count": args.num}
+    for key, value in (("inception", args.inception), ("clip_model", args.clip_model)):
+        if value is not None:
+            over.setdefault("metrics", {})[key] = value
+    proto = load_protocol(args.protocol, over)
+    out = args.out or f"runs/eval-{proto['name']}"
+    info = distributed.setup(args.device)
+    _logging(info.is_main)
+    try:
+        report = run_protocol(args.checkpoint, proto, out, captions_file=args.captions, reference=args.reference,
+                              cache_dir=args.cache_dir, info=info)
+        if info.is_main:
+            print(json.dumps({"report": str(Path(out) / "report.json"), **report["metrics"]}, indent=2))
     finally:
         distributed.teardown()
     return 0
@@ -165,12 +202,22 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("eval", help="ShapesEval of a model trained on shapes")
+    p = sub.add_parser("eval", help="ShapesEval of a model trained on shapes, or a pinned protocol (FID, KID, CLIP score)")
     p.add_argument("checkpoint", help="a checkpoint file or a training output directory (its latest)")
-    p.add_argument("--out", required=True, help="the JSON report to write")
-    p.add_argument("--num", type=positive_int, default=120, help="evaluation prompts")
+    p.add_argument("--out", help="without --protocol: the JSON report to write; with it: the output folder "
+                                 "(images, manifests, report.json, report.md)")
+    p.add_argument("--num", type=positive_int, help="evaluation prompts (120 without --protocol; else the first N captions)")
     p.add_argument("--details", action="store_true", help="include per-prompt details")
+    p.add_argument("--protocol", help="coco30k, shapes, or a protocol YAML/JSON file")
+    p.add_argument("--captions", help="the protocol's captions file (.jsonl/.json/COCO annotations/.csv/.txt)")
+    p.add_argument("--reference", help="reference images: a folder, prepared shards, or a statistics .npz")
+    p.add_argument("--inception", help="torch-fidelity's Inception weights file (default: torch hub cache)")
+    p.add_argument("--clip-model", help="CLIP model for the CLIP score: a local folder or hub id")
+    p.add_argument("--cache-dir", help="where reference statistics are cached (default: OUT/cache)")
+    p.add_argument("--batch-size", type=positive_int, help="images per sampling batch")
     add_sampling_args(p)
+    # None: the protocol's values (with --protocol), else 30 steps, guidance 5, seed 0.
+    p.set_defaults(steps=None, guidance=None, seed=None)
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
     p.set_defaults(fn=cmd_eval)
 
