@@ -205,19 +205,22 @@ class ShardLoader(PlannedLoader):
     def __init__(self, root, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  resolution: int | None = None, caption_dropout: float = 0.0, num_workers: int = 0,
                  drop_last: bool = True, shuffle: bool = True, pin_memory: bool = False,
-                 prefetch_factor: int = 2, verify: bool | str = "background"):
+                 prefetch_factor: int = 2, verify: bool | str = "background", num_samples: int | None = None):
         # verify: "background" (sha256 of every shard in a thread; each batch is handed out only once
         # its shards are verified, and a bad shard found anywhere stops the next batch), True or
         # "open" (all checked here, before returning), False or "off" (header and count checks only,
         # for datasets too large to hash on every run). MDS folders record no sha256: their own checks.
+        # num_samples: train on the first N samples only (the rest is held out for validation).
         mode = {True: "open", False: "off"}.get(verify, verify)
         if mode not in ("background", "open", "off"):
             raise ValueError(f"verify must be 'background', 'open' or 'off' (or True / False), got {verify!r}")
         self.dataset = root if isinstance(root, ShardDataset) else open_dataset(root, resolution, verify=mode == "open")
         hashed = all("sha256" in s for s in self.dataset.shards)
         self._verifier = ShardVerifier(self.dataset) if mode == "background" and hashed else None
-        self.plan = BatchPlan(len(self.dataset), batch_size, rank, world_size, seed, shuffle, drop_last,
-                              caption_dropout)
+        n = len(self.dataset) if num_samples is None else num_samples
+        if not 0 < n <= len(self.dataset):
+            raise ValueError(f"num_samples must be in [1, {len(self.dataset)}], got {num_samples}")
+        self.plan = BatchPlan(n, batch_size, rank, world_size, seed, shuffle, drop_last, caption_dropout)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor

@@ -88,8 +88,9 @@ class ImageStore:
             os.fsync(f.fileno())
         return rec
 
-    def load(self, count: int) -> np.ndarray:
-        """uint8 (count, H, W, 3) images 0..count-1 in caption order; an error names the first missing one."""
+    def batches(self, count: int, batch_size: int = 256):
+        """(indices, uint8 (B, H, W, 3) images) for images 0..count-1 in caption order, read from the files
+        a batch at a time (30K images at 512 px do not fit in memory); an error names the first missing one."""
         from PIL import Image
 
         recs = self.records()
@@ -97,7 +98,9 @@ class ImageStore:
         if missing:
             raise ImageStoreError(f"{self.root}: {len(missing)} of {count} images missing (first: {missing[0]}); "
                                   "run the same command again to make them")
-        return np.stack([np.asarray(Image.open(self.images_dir / recs[i]["file"]).convert("RGB")) for i in range(count)])
+        for s in range(0, count, batch_size):
+            idx = list(range(s, min(count, s + batch_size)))
+            yield idx, np.stack([np.asarray(Image.open(self.images_dir / recs[i]["file"]).convert("RGB")) for i in idx])
 
 
 def generate_missing(pipe, captions: list[tuple[str, str]], store: ImageStore, *, steps: int, guidance: float,

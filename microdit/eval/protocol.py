@@ -304,26 +304,45 @@ def run_protocol(checkpoint, proto: dict, out, *, captions_file=None, reference=
 
     ckpt_file, ckpt_sha = checkpoint_sha256(checkpoint)
     pipe = MicroDiTPipeline.load(checkpoint, ema=s["ema"], device=info.device, dtype="float32")
-    settings = {"protocol_hash": protocol_hash(proto), "checkpoint_sha256": ckpt_sha, "captions_sha256": cap_sha,
-                "captions": len(rows), "sampler": {k: s[k] for k in ("steps", "guidance", "seed", "ema")}}
+    # What the images depend on (not the metrics): another metric set reuses the same images.
+    settings = {"checkpoint_sha256": ckpt_sha, "captions_sha256": cap_sha, "captions": cap, "count": len(rows),
+                "sampler": {k: s[k] for k in ("steps", "guidance", "seed", "ema")}}
     store = ImageStore(out, settings)
     counts = generate_missing(pipe, [(r[0], r[1]) for r in rows], store, steps=s["steps"], guidance=s["guidance"],
                               seed=s["seed"], batch_size=s["batch_size"], info=info, progress=progress)
     if not info.is_main:
         return None
     gen_s = time.perf_counter() - t0
-    images = store.load(len(rows))
     size = proto["image_size"]
-    scored = resize_images(images, size)
     texts = [r[1] for r in rows]
     results, models = {}, {}
+    ex = scorer = None
     if m["fid"] or m["kid"]:
-        from .fid import InceptionFeatures, fid, kid
+        from .fid import InceptionFeatures
 
         ex = InceptionFeatures(m["inception"], device=info.device)
         models["inception"] = ex.metadata()
+    if m["clip"]:
+        from .clip_score import CLIPScorer
+
+        scorer = CLIPScorer(m["clip_model"], device=info.device)
+        models["clip"] = scorer.metadata()
+    # One pass over the image files feeds every metric.
+    feats, per_clip, all_images, resolution = [], [], [], None
+    for idx, images in store.batches(len(rows)):
+        resolution = int(images.shape[1])
+        scored = resize_images(images, size)
+        if ex is not None:
+            feats.append(ex(scored))
+        if scorer is not None:
+            per_clip.append(scorer.scores(scored, [texts[i] for i in idx]))
+        if m["shapes_eval"]:
+            all_images.append(images)
+    if ex is not None:
+        from .fid import fid, kid
+
         ref = reference_statistics(ref_spec, proto, ex, size, Path(cache_dir or out / "cache"))
-        gen = Statistics.of(ex(scored))
+        gen = Statistics.of(np.concatenate(feats))
         models["reference"] = {"source": str(ref_spec), "count": ref.count, "key": ref.meta.get("key"),
                                "image_size": size, "resize": proto["reference"]["resize"]}
         if m["fid"]:
@@ -331,29 +350,25 @@ def run_protocol(checkpoint, proto: dict, out, *, captions_file=None, reference=
         if m["kid"]:
             if ref.features is None:
                 raise ProtocolError(f"reference {ref_spec}: its .npz holds no features, which KID needs")
-            sub = min(m["kid_subset_size"], len(scored), ref.count)
+            sub = min(m["kid_subset_size"], gen.count, ref.count)
             results["kid_mean"], results["kid_std"] = kid(gen.features, ref.features, subsets=m["kid_subsets"],
                                                           subset_size=sub, seed=m["kid_seed"])
             results["kid_subset_size"] = sub
-    if m["clip"]:
-        from .clip_score import CLIPScorer, clip_score
+    if scorer is not None:
+        from .clip_score import clip_score
 
-        scorer = CLIPScorer(m["clip_model"], device=info.device)
-        models["clip"] = scorer.metadata()
-        per = scorer.scores(scored, texts)
-        results["clip_score"] = clip_score(per)
+        results["clip_score"] = clip_score(np.concatenate(per_clip))
     if m["shapes_eval"]:
         from .shapes_eval import ShapesEval
 
-        scores = ShapesEval().score(images, texts)
+        scores = ShapesEval().score(np.concatenate(all_images), texts)
         results["shapes_eval"] = {k: v for k, v in scores.items() if k != "details"}
     report = {
         "protocol": proto, "protocol_hash": protocol_hash(proto),
         "checkpoint": str(checkpoint), "checkpoint_file": ckpt_file, "checkpoint_sha256": ckpt_sha,
         "captions": {"source": str(cap_spec), "sha256": cap_sha, "count": len(rows),
                      "ids_sha256": hashlib.sha256("\n".join(r[0] for r in rows).encode()).hexdigest()},
-        "images": {"dir": str(store.images_dir), "resolution": int(images.shape[1]), "scored_at": size or int(images.shape[1]),
-                   **counts},
+        "images": {"dir": str(store.images_dir), "resolution": resolution, "scored_at": size or resolution, **counts},
         "metric_models": models, "metrics": results,
         "elapsed_s": {"generation": round(gen_s, 3), "total": round(time.perf_counter() - t0, 3)},
         "world_size": info.world_size, "device": str(info.device),

@@ -41,10 +41,11 @@ def prepare_default_data(cfg, info) -> Path:
 
 
 def cmd_train(args) -> int:
-    from ..data.loader import ShardLoader
+    from ..data.loader import ShardLoader, open_dataset
     from . import distributed
     from .config import load_config
     from .trainer import Trainer
+    from .validation import build_validator, held_out_count
 
     overrides = list(args.overrides)
     if args.out:
@@ -53,17 +54,24 @@ def cmd_train(args) -> int:
         overrides.append(f"train.steps={args.steps}")
     if args.data:
         overrides.append(f"data.path={args.data}")
+    if args.val_data:
+        overrides.append(f"val.data={args.val_data}")
     cfg = load_config(args.config, overrides)
     info = distributed.setup(cfg.train.device)
     _logging(info.is_main)
     try:
         root = Path(cfg.data.path) if cfg.data.path else prepare_default_data(cfg, info)
-        loader = ShardLoader(root, cfg.train.micro_batch, rank=info.rank, world_size=info.world_size,
-                             seed=cfg.train.seed, resolution=cfg.data.resolution,
-                             caption_dropout=cfg.data.caption_dropout, num_workers=cfg.data.num_workers,
-                             pin_memory=info.device.type == "cuda",
-                             verify="background" if cfg.data.verify_checksums else "off")
-        trainer = Trainer(cfg, loader, data_info_from(loader.dataset), dist_info=info, resume=args.resume)
+        dataset = open_dataset(root, cfg.data.resolution)
+        held = 0 if cfg.val.data else held_out_count(len(dataset), cfg.data.val_fraction)
+        loader = ShardLoader(dataset, cfg.train.micro_batch, rank=info.rank, world_size=info.world_size,
+                             seed=cfg.train.seed, caption_dropout=cfg.data.caption_dropout,
+                             num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda",
+                             verify="background" if cfg.data.verify_checksums else "off",
+                             num_samples=len(dataset) - held)
+        validator = build_validator(cfg, dataset, open_dataset(cfg.val.data, cfg.data.resolution)
+                                    if cfg.val.data else None)
+        trainer = Trainer(cfg, loader, data_info_from(loader.dataset), dist_info=info, resume=args.resume,
+                          validator=validator)
         summary = trainer.run()
         if info.is_main:
             print(json.dumps({k: v for k, v in summary.items() if k != "loss_curve"}, indent=2))
@@ -199,6 +207,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="output directory (checkpoints, logs, samples)")
     p.add_argument("--steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--val-data", help="held-out shards for validation (val.every > 0; else data.val_fraction)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
     p.set_defaults(fn=cmd_train)
 

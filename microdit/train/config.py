@@ -42,6 +42,7 @@ class DataSection:
     # sha256 of every shard, checked in a background thread; a batch is trained on only once its
     # shards are verified. false: header and sample-count checks only (datasets too large to hash).
     verify_checksums: bool = True
+    val_fraction: float = 0.0  # the last fraction of the samples, held out for validation (val.*)
 
 
 @dataclass
@@ -114,6 +115,26 @@ class TrainSection:
 
 
 @dataclass
+class ValSection:
+    """Validation during training (microdit.train.validation): off unless `every` > 0."""
+
+    data: str | None = None  # held-out shards (`--val-data`); else data.val_fraction of the training shards
+    every: int = 0  # validate at the start, every N steps and at the end (0: never)
+    samples: int = 256  # at most this many held-out samples
+    batch_size: int = 32  # fixed batches (independent of the rank count)
+    sigmas: list = field(default_factory=lambda: [0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0])
+    seed: int = 0  # the fixed validation noise
+    # FID-K and CLIP score of images generated for the first `fid_samples` held-out captions
+    # against those samples' own images, every `fid_every` steps (0: never); needs the data's encoders.
+    fid_every: int = 0
+    fid_samples: int = 32
+    fid_steps: int = 20
+    fid_guidance: float = 5.0
+    inception: str | None = None  # torch-fidelity's Inception weights (None: torch hub's cache)
+    clip_model: str | None = None  # a CLIP folder or hub id for the CLIP score (None: no CLIP score)
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -122,6 +143,7 @@ class TrainConfig:
     ema: EMASection = field(default_factory=EMASection)
     fp8: FP8Section = field(default_factory=FP8Section)
     train: TrainSection = field(default_factory=TrainSection)
+    val: ValSection = field(default_factory=ValSection)
     out: str = "runs/demo"
 
     def to_dict(self) -> dict:

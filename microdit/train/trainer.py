@@ -115,8 +115,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, loader, data_info: dict, dist_info: distributed.DistInfo | None = None,
-                 resume: bool = False, callbacks=()):
+                 resume: bool = False, callbacks=(), validator=None):
         self.cfg, self.loader, self.data_info = cfg, loader, data_info
+        self.validator = validator  # microdit.train.validation.Validator, or None
         self.callbacks = list(callbacks)  # each called as fn(trainer, loss_tensor) after every step
         self.dist = dist_info or distributed.setup(cfg.train.device)
         self.device = self.dist.device
@@ -397,6 +398,7 @@ class Trainer:
         last_t, last_step = time.perf_counter(), self.step
         losses = []
         self.model.train()
+        self.validate(force=True)  # at the start (step 0, or the resumed step): the curve's first point
         while self.step < t.steps:
             loss, grad_norm, go_on = self.step_once([next(it) for _ in range(self.accum)], stop=bool(signals.signum))
             for fn in self.callbacks:
@@ -420,6 +422,7 @@ class Trainer:
                 self.save()
             if t.sample_every and self.step % t.sample_every == 0 and self.step < t.steps:
                 self.sample_grid()
+            self.validate(force=self.step == t.steps)
         bar.close()
         final = self.save()
         self.sample_grid()
@@ -439,13 +442,32 @@ class Trainer:
             m["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
         return m
 
+    def validate(self, force: bool = False) -> dict | None:
+        """Validation metrics (all ranks) when due or forced, logged to metrics.jsonl and TensorBoard."""
+        if self.validator is None or not (force or self.validator.due(self.step)):
+            return None
+        values = self.validator(self, force=force)
+        self.metrics.log(self.step, values)
+        return values
+
+    def sampling_model(self) -> MicroDiT | None:
+        """A plain copy of the current (EMA, if any) weights on the main rank, None elsewhere.
+
+        Full weights on every rank (a collective under FSDP: all ranks call this), then the main
+        rank samples alone with the copy, so sharded training is never stepped by one rank.
+        """
+        weights = self.ema.full_state_dict() if self.ema else get_model_state_dict(self.model, options=FULL)
+        if not self.dist.is_main:
+            return None
+        model = MicroDiT(self.raw.config).to(self.device)
+        model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        return model.eval()
+
     def sample_grid(self) -> Path | None:
         """A grid for the fixed prompts with the current (EMA, if any) weights; needs the data's encoders."""
         if "text_encoder" not in self.data_info or "codec" not in self.data_info or not self.cfg.train.sample_prompts:
             return None
-        # Full weights on every rank (a collective under FSDP), then the main rank samples alone
-        # with a plain copy of the model, so sharded training is never stepped by one rank.
-        weights = self.ema.full_state_dict() if self.ema else get_model_state_dict(self.model, options=FULL)
+        model = self.sampling_model()
         path = None
         if self.dist.is_main:
             from .sampling import encoders_from, generate, save_grid
@@ -456,8 +478,6 @@ class Trainer:
                 log.warning("sample grid skipped: cannot load the data's encoders (%s)", e)
                 encoders = None
         if self.dist.is_main and encoders is not None:
-            model = MicroDiT(self.raw.config).to(self.device)
-            model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
             images = generate(model, self.cfg.train.sample_prompts, self.data_info,
                               steps=self.cfg.train.sample_steps, guidance=self.cfg.train.sample_guidance,
                               seed=self.cfg.train.seed, encoders=encoders)

@@ -103,3 +103,22 @@ def test_captions_formats_and_coco_selection(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": 1}\n')
     with pytest.raises(P.ProtocolError, match="entry 0 has no caption"):
         P.read_captions(str(tmp_path / "bad.jsonl"))
+
+
+@pytest.mark.slow  # a training run with validation, FID-K and CLIP score (tiny local models)
+def test_training_validation_with_fid_and_clip(run_and_shards, inception_weights, tiny_clip, tmp_path):
+    from microdit import availability
+
+    _, shards = run_and_shards
+    out = tmp_path / "run"
+    cli("train", "--config", "demo", "--data", str(shards), "--out", str(out), "--steps", "2", "data.resolution=16",
+        "model.preset=MicroDiT_Test_2", "train.global_batch=6", "train.micro_batch=6", "train.sample_steps=1",
+        "train.precision=fp32", "data.val_fraction=0.25", "val.every=1", "val.fid_every=2", "val.fid_samples=4",
+        "val.fid_steps=1", f"val.inception={inception_weights}", f"val.clip_model={tiny_clip}")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r for r in rows if "loss/val" in r}
+    assert sorted(val) == [0, 1, 2]
+    assert {"eval/fid_k", "eval/clip_score"} <= val[0].keys() and {"eval/fid_k", "eval/clip_score"} <= val[2].keys()
+    assert "eval/fid_k" not in val[1] and val[0]["eval/fid_k"] > 0
+    if availability.tensorboard():
+        assert list((out / "tb").glob("events.out.tfevents.*"))

@@ -20,6 +20,11 @@ class MemoryLoader:
             self.position += 1
             yield {"latents": self.latents[idx], "caption_states": self.captions[idx], "index": idx}
 
+    def get_batch(self, indices):
+        """Samples `indices` (the validation set's view of the same data)."""
+        idx = torch.as_tensor(list(indices))
+        return {"latents": self.latents[idx], "caption_states": self.captions[idx]}
+
     def state_dict(self):
         return {"position": self.position}
 

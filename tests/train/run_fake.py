@@ -1,6 +1,7 @@
 """Runs the trainer on the in-memory loader; used by the tests as a subprocess (and under torchrun).
 
-usage: run_fake.py OUT STEPS MICRO GLOBAL [--resume] [--check-ranks] [key=value ...]
+usage: run_fake.py OUT STEPS MICRO GLOBAL [--resume] [--check-ranks] [--val] [key=value ...]
+(--val: validation on 12 held-out samples of the loader's data; set val.every)
 """
 import hashlib
 import json
@@ -51,7 +52,13 @@ def main():
             entry["digests"] = digests
         record.append(entry)
 
-    trainer = Trainer(cfg, loader, DATA_INFO, dist_info=info, resume="--resume" in flags, callbacks=[check])
+    validator = None
+    if "--val" in flags:
+        from microdit.train.validation import HeldOut, Validator
+
+        validator = Validator(cfg.val, HeldOut(loader, range(52, 64)), cfg.diffusion)
+    trainer = Trainer(cfg, loader, DATA_INFO, dist_info=info, resume="--resume" in flags, callbacks=[check],
+                      validator=validator)
     trainer.run()
     if info.is_main:
         Path(out, "record.json").write_text(json.dumps(record))
