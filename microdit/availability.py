@@ -316,7 +316,8 @@ def fp8_gpu_reasons() -> list[str]:
 
 def torchao_float8_reasons() -> list[str]:
     if fp8_gpu_reasons():
-        return fp8_gpu_reasons() + ["torchao float8 training runs on CUDA FP8 tensor cores only"]
+        return fp8_gpu_reasons() + ["torchao float8 training runs on CUDA FP8 tensor cores only "
+                                    "(pip install torchao beside a CUDA torch)"]
     mod = torchao_float8()
     return [] if mod else [repr(mod)]
 

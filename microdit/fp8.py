@@ -227,8 +227,8 @@ def _convert_torch(model, recipe, emulate=False):
 
 
 def _fp8_gpu_library_reasons(lib_reasons):
-    def reasons():
-        return availability.fp8_gpu_reasons() + lib_reasons() if availability.fp8_gpu_reasons() else lib_reasons()
+    def reasons():  # the library's own reasons (they include a missing GPU), else the GPU's lack of FP8
+        return lib_reasons() or availability.fp8_gpu_reasons()
     return reasons
 
 

@@ -6,6 +6,7 @@ import platform
 import torch
 
 from . import availability
+from . import fp8  # noqa: F401  (registers the fp8_linear op: its backends are model conversions)
 from .ops import import_all
 from .ops.registry import ALL_OPS
 

@@ -234,3 +234,13 @@ def test_fp8_training_matches_fp32(tmp_path):
     assert end32 < 0.8 * sum(l32[:20]) / 20  # it learned something
     assert abs(end8 - end32) <= 0.1 * end32, (end8, end32)
     assert any(isinstance(m, fp8.Fp8Linear) and m.emulate for m in t8.raw.modules())
+
+
+def test_info_lists_the_fp8_backends_with_reasons():
+    from microdit import info
+
+    block = info.report().split("op fp8_linear:")[1].split("\nop ")[0]
+    for backend in ("torch", "emulated", "torchao", "transformer_engine"):
+        assert backend in block
+    if not torch.cuda.is_available():
+        assert "CUDA" in [l for l in block.splitlines() if l.strip().startswith("torchao")][0]
