@@ -28,6 +28,7 @@ def test_fsdp_ema_is_sharded_local_and_identical_to_unsharded():
     assert result["sharded_entries"] > 0 and result["local_numel"] < 0.6 * result["full_numel"], result
 
 
+@pytest.mark.slow  # three training runs, one under torchrun: about 100 s on 2 cores
 def test_dcp_written_on_two_ranks_resumes_on_one(tmp_path):
     out = tmp_path / "two"
     flags = ["train.checkpoint=dcp", "ema.enabled=true"]
