@@ -77,22 +77,25 @@ build() {
     "$PY" setup.py build_ext --inplace
 }
 
-if [ "$DRY" = 1 ]; then
-  PRESET=MicroDiT_Test_2; DEV=cpu; STEPS="--steps 1 --warmup 0 --micro-batch 1"
-  MODES=eager; COMPILED=""; TESTS="tests/bench/test_cost.py"
+if [ "$DRY" = 1 ]; then  # small and slow machine: generous timeouts, tiny shapes
+  PRESET=MicroDiT_Test_2; DEV=cpu; STEPS="--steps 1 --warmup 0 --micro-batch 1 --latent-size 8"
+  MODES=eager; COMPILED=""; TESTS="tests/bench/test_cost.py"; FP8_BACKENDS="--backends fast"
   KBENCH="benches/bench_train_step.py -k eager"; export MICRODIT_BENCH_PRESET=$PRESET
-  T_ENV=60 T_BUILD=300 T_TESTS=120 T_KB=120 T_BENCH=300 T_FP8=120
+  T_ENV=120 T_BUILD=300 T_INFO=120 T_TESTS=120 T_KB=180 T_BENCH=400 T_FP8=300 T_REPORT=120
 else
   PRESET=MicroDiT_XL_2; DEV=cuda; STEPS="--steps 10 --warmup 3"
   MODES=eager,compiled; COMPILED="--compiled-phases 1"; TESTS="tests -m gpu --continue-on-collection-errors"
-  KBENCH="benches -k cuda --ignore=benches/bench_train_step.py"
-  # 20 + 120 + 45 + 45 + 180 + 45 + 15 (+ info 10) = 480 s at most: the 8 minutes of one call.
-  T_ENV=20 T_BUILD=120 T_TESTS=45 T_KB=45 T_BENCH=180 T_FP8=45
+  KBENCH="benches -k cuda --ignore=benches/bench_train_step.py"; FP8_BACKENDS=""
+  # 20 + 120 + 20 + 40 + 40 + 170 + 40 + 30 = 480 s at most: the 8 minutes of one call.
+  T_ENV=20 T_BUILD=120 T_INFO=20 T_TESTS=40 T_KB=40 T_BENCH=170 T_FP8=40 T_REPORT=30
 fi
+# `timeout` runs programs, not shell functions: the functions run in a child bash.
+export -f env_info find_nvcc build
+export PY DRY
 
-stage env "$T_ENV" env_info
-stage build "$T_BUILD" build
-stage microdit_info_after_build 10 "$PY" -m microdit.cli info
+stage env "$T_ENV" bash -c env_info
+stage build "$T_BUILD" bash -c build
+stage microdit_info_after_build "$T_INFO" "$PY" -m microdit.cli info
 # shellcheck disable=SC2086
 stage gpu_tests "$T_TESTS" "$PY" -m pytest -q -x -p no:cacheprovider $TESTS
 # shellcheck disable=SC2086
@@ -105,9 +108,9 @@ stage bench "$T_BENCH" "$PY" -m microdit.cli bench --preset "$PRESET" --device "
 # FP8 beside bf16, phase 1, eager (its own results file, in the tarball).
 # shellcheck disable=SC2086
 stage bench_fp8 "$T_FP8" "$PY" -m microdit.cli bench --preset "$PRESET" --device "$DEV" --phase 1 \
-  --modes eager --precision fp8 $STEPS --out "$RESULTS/fp8"
+  --modes eager --precision fp8 $FP8_BACKENDS $STEPS --out "$RESULTS/fp8"
 # The report again from the file (also proves `bench report` reads what `bench` wrote).
-stage report 15 bash -c "'$PY' -m microdit.cli bench report \"\$(ls $RESULTS/*.json | grep -v -- -cost.json | head -1)\""
+stage report "$T_REPORT" bash -c "'$PY' -m microdit.cli bench report \"\$(ls $RESULTS/*.json | grep -v -- -cost.json | head -1)\""
 
 mkdir -p "$RESULTS/kernels"
 cp benches/results/*-cuda.json "$RESULTS/kernels/" 2>/dev/null
