@@ -152,7 +152,7 @@ class MicroDiTPipeline:
     def from_run(cls, run, *, ema: bool = False, vae=None, text_encoder=None, device=None,
                  dtype=None) -> "MicroDiTPipeline":
         """A training run (its directory: the latest checkpoint; or one checkpoint file) with its data's encoders."""
-        from .train.cli import load_for_sampling
+        from .train.sampling import load_for_sampling
 
         model, data_info = load_for_sampling(run, ema, "cpu")
         return cls._with_recorded(model, data_info, vae, text_encoder, device, dtype, f"run {str(run)!r}")
@@ -299,7 +299,7 @@ def export(run, to, *, ema: bool = False, format: str = "pretrained") -> Path:
     """A training run's weights (EMA or raw) as a save_pretrained folder or a published-format .pt, encoders recorded."""
     from .data.shards import atomic_write_json
     from .models.checkpoint import save_reference
-    from .train.cli import load_for_sampling
+    from .train.sampling import load_for_sampling
 
     if format not in {"pretrained", "published"}:
         raise ValueError(f"export format {format!r}: use 'pretrained' or 'published'")
@@ -316,32 +316,37 @@ def export(run, to, *, ema: bool = False, format: str = "pretrained") -> Path:
     return save_reference(model, out / "model.pt")
 
 
-def cmd_generate(args) -> int:
-    from PIL import Image
-
+def generate_images(source, prompts, *, out=None, num_per_prompt: int = 1, steps: int = 30, guidance: float = 5.0,
+                    seed: int = 0, ema: bool = False, vae=None, text_encoder=None, batch_size: int = 16, dtype=None,
+                    device="auto", progress: bool = True):
+    """`microdit generate` as a function: images from `prompts` with any source `MicroDiTPipeline.load`
+    takes, split over torchrun ranks; on the main rank the uint8 (N, H, W, 3) images, prompt-major
+    (also saved to `out` as <prompt>_<k>.png and grid.png when given), None on the others."""
     from .train import distributed
-    from .train.cli import _logging, _split_generate
-    from .train.sampling import save_grid
+    from .train.run import setup_logging
+    from .train.sampling import generate_distributed, save_images
 
-    info = distributed.setup(args.device)
-    _logging(info.is_main)
+    info = distributed.setup(device)
+    setup_logging(info.is_main)
     try:
-        pipe = MicroDiTPipeline.load(args.checkpoint, ema=args.ema, vae=args.vae, text_encoder=args.text_encoder,
-                                     device=info.device, dtype=args.dtype)
+        pipe = MicroDiTPipeline.load(source, ema=ema, vae=vae, text_encoder=text_encoder, device=info.device,
+                                     dtype=dtype)
         log.info("%r", pipe)
-        images = _split_generate(pipe, args.prompts, info, num_per_prompt=args.num_per_prompt, steps=args.steps,
-                                 guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                                 progress=info.is_main and not args.no_progress)
-        if info.is_main:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            for n, img in enumerate(images):
-                i, k = divmod(n, args.num_per_prompt)
-                Image.fromarray(img).save(out / f"{i}_{k}.png")
-            save_grid(images, out / "grid.png", nrow=args.num_per_prompt)
+        images = generate_distributed(pipe, prompts, info, num_per_prompt=num_per_prompt, steps=steps,
+                                      guidance=guidance, seed=seed, batch_size=batch_size,
+                                      progress=info.is_main and progress)
+        if info.is_main and out is not None:
+            save_images(images, out, num_per_prompt)
             print(f"wrote {len(images)} images and grid.png to {out}")
     finally:
         distributed.teardown()
+    return images
+
+
+def cmd_generate(args) -> int:
+    generate_images(args.checkpoint, args.prompts, out=args.out, num_per_prompt=args.num_per_prompt, steps=args.steps,
+                    guidance=args.guidance, seed=args.seed, ema=args.ema, vae=args.vae, text_encoder=args.text_encoder,
+                    batch_size=args.batch_size, dtype=args.dtype, device=args.device, progress=not args.no_progress)
     return 0
 
 

@@ -1,8 +1,6 @@
 """`microdit demo`: the embedded default end to end: prepare shapes, train, sample, score, report."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import time
@@ -53,29 +51,35 @@ def plot_loss(curve: list, path: Path, width: int = 480, height: int = 240) -> P
     return path
 
 
-def cmd_demo(args) -> int:
-    from .cli import cmd_eval, cmd_sample, cmd_train
+def run_demo(out="runs/demo", *, steps: int | None = None, resume: bool = False) -> Path:
+    """The embedded default end to end: prepare shapes, train (the demo config, `steps` if given),
+    sample the demo prompts with the EMA weights, score with ShapesEval, write OUT/REPORT.md."""
+    from ..pipeline import generate_images
+    from .run import evaluate, train
 
-    out = Path(args.out)
+    out = Path(out)
     times = {}
     t0 = time.perf_counter()
-    overrides = [f"train.steps={args.steps}"] if args.steps else []
-    cmd_train(argparse.Namespace(config="demo", data=None, out=str(out), steps=None, resume=args.resume,
-                                 overrides=overrides))
+    summary = train("demo", [f"train.steps={steps}"] if steps else [], out=str(out), resume=resume)
     times["prepare_and_train_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    common = dict(checkpoint=str(out), steps=20, guidance=3.0, seed=0, ema=True, device="auto")
-    cmd_sample(argparse.Namespace(prompts=PROMPTS, num_per_prompt=4, out=str(out / "final_samples"), **common))
+    common = dict(steps=20, guidance=3.0, seed=0, ema=True, device="auto")
+    generate_images(str(out), PROMPTS, out=str(out / "final_samples"), num_per_prompt=4, dtype="float32", **common)
     times["sample_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    cmd_eval(argparse.Namespace(out=str(out / "eval.json"), num=120, details=False, **common))
+    scores = evaluate(str(out), out=str(out / "eval.json"), num=120, **common)
     times["eval_s"] = time.perf_counter() - t2
     times["total_s"] = time.perf_counter() - t0
-    summary = json.loads((out / "summary.json").read_text())
-    scores = json.loads((out / "eval.json").read_text())
+    if scores is None:  # not the main rank: it writes the report
+        return out / "REPORT.md"
     plot_loss(summary["loss_curve"], out / "loss.png")
-    write_report(out, summary, scores, times)
-    print(f"\ndemo report: {out / 'REPORT.md'}")
+    report = write_report(out, summary, scores, times)
+    print(f"\ndemo report: {report}")
+    return report
+
+
+def cmd_demo(args) -> int:
+    run_demo(args.out, steps=args.steps, resume=args.resume)
     return 0
 
 

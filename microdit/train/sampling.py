@@ -1,11 +1,68 @@
-"""Sample grids of a training run with the encoders recorded with its data (see microdit.pipeline)."""
+"""Sampling from training runs: load a run's model, generate over all ranks, save images and grids.
+
+`load_for_sampling` (model and data_info of a run or checkpoint; MicroDiTPipeline.from_run builds
+on it), `generate_distributed` (a pipeline's images split over torchrun ranks), `save_images`,
+`save_grid`, and `generate` (the trainer's sample grids, with the encoders recorded with its data).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 import numpy as np
 import torch
 
+log = logging.getLogger("microdit.train")
+
+
+def load_for_sampling(checkpoint, use_ema: bool, device):
+    """(model, data_info) from a training checkpoint file or output directory (its latest)."""
+    from ..models.config import MicroDiTConfig
+    from ..models.microdit import MicroDiT
+    from .checkpoint import TrainCheckpointError, load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path)
+    if use_ema and not state.get("ema"):
+        raise TrainCheckpointError(f"{path}: --ema asked for, but this run kept no EMA (ema.enabled was false); "
+                                   "sample without --ema")
+    weights = state["ema"]["shadow"] if use_ema else state["model"]
+    model = MicroDiT(MicroDiTConfig.from_dict(state["model_config"]))
+    model.load_state_dict(weights)
+    log.info("loaded %s (step %d%s)", path, state["step"], ", EMA weights" if use_ema else "")
+    return model.to(device).eval(), state["data_info"]
+
+
+def generate_distributed(pipe, prompts, info, *, num_per_prompt: int = 1, **kw):
+    """`pipe.images` over all ranks of `info` (a distributed.DistInfo): each rank makes its share
+    of the (prompt, k) jobs; rank 0 gets all images in order, the others None."""
+    from . import distributed
+
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(num_per_prompt)]
+    mine = jobs[info.rank::info.world_size]
+    # Every image is a function of (seed, prompt, k) alone, so the split does not change it.
+    made = pipe.images(prompts, jobs=mine, **kw) if mine else []
+    images = {job: made[n:n + 1] for n, job in enumerate(mine)}
+    if info.enabled:
+        gathered = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, images)
+        for part in gathered:
+            images.update(part)
+    distributed.barrier(info)
+    return np.concatenate([images[job] for job in jobs]) if info.is_main else None
+
+
+def save_images(images: np.ndarray, out, num_per_prompt: int) -> Path:
+    """<prompt index>_<k>.png for each of the prompt-major `images`, and grid.png (a row per prompt)."""
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for n, img in enumerate(images):
+        i, k = divmod(n, num_per_prompt)
+        Image.fromarray(img).save(out / f"{i}_{k}.png")
+    return save_grid(images, out / "grid.png", nrow=num_per_prompt)
 
 
 def encoders_from(data_info: dict, device):
