@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops.keep_indices import drop_mask, keep_indices
+from ..ops.keep_indices import drop_mask
 
 
 @dataclass(frozen=True)
@@ -45,32 +45,79 @@ def patch_mean(err: torch.Tensor, patch_size: int) -> torch.Tensor:
     return F.avg_pool2d(err.mean(dim=1, keepdim=True), patch_size).flatten(1)
 
 
-def loss(model, x0, y, *, mask_ratio: float = 0.0, rnd_normal=None, noise=None, ids_keep=None,
-         caption_dropout: float = 0.0, config: EDMConfig = DEFAULT, generator=None, return_terms: bool = False,
-         model_config=None):
+@dataclass(frozen=True)
+class StepRandomness:
+    """Everything random in one training step, drawn by `draw_step` (the one place it is drawn).
+
+    rnd_normal (B, 1, 1, 1) standard normals (sigma = exp(P_mean + P_std * rnd_normal)); noise
+    (unit variance, the latents' shape); caption_keep (B,) bool or None (no caption dropout);
+    ids_keep (B, K) kept tokens or None (no masking), on a grid of `patch_size` patches.
+    """
+
+    rnd_normal: torch.Tensor
+    noise: torch.Tensor
+    ids_keep: torch.Tensor | None
+    patch_size: int
+    caption_keep: torch.Tensor | None = None
+
+    def __getitem__(self, part: slice) -> "StepRandomness":
+        """The samples `part` of the batch (e.g. one rank's share of a global micro-batch)."""
+        pick = lambda t: None if t is None else t[part]
+        return StepRandomness(self.rnd_normal[part], self.noise[part], pick(self.ids_keep), self.patch_size,
+                              pick(self.caption_keep))
+
+
+def draw_step(batch: int, shape, *, patch_size: int, mask_ratio: float = 0.0, caption_dropout: float = 0.0,
+              ops=None, device=None, dtype=None, generator=None, rnd_normal=None, noise=None,
+              ids_keep=None) -> StepRandomness:
+    """A training step's randomness for `batch` latents of `shape` (C, H, W), drawn in this fixed
+    order from `generator`: rnd_normal, noise (`dtype`, default torch's), the caption-dropout
+    draw (when `caption_dropout` > 0), then the kept tokens (when `mask_ratio` > 0) through
+    `ops.keep_indices` (an ops.opset.OpSet: the model's, so one backend choice serves every
+    caller; default: built from MICRODIT_BACKEND). Pieces given are used instead of drawn."""
+    if rnd_normal is None:
+        rnd_normal = torch.randn(batch, 1, 1, 1, device=device, generator=generator)
+    if noise is None:
+        noise = torch.randn(batch, *shape, device=device, dtype=dtype, generator=generator)
+    caption_keep = None
+    if caption_dropout > 0:
+        caption_keep = torch.rand(batch, device=device, generator=generator) >= caption_dropout
+    if ids_keep is None and mask_ratio > 0:
+        if ops is None:
+            from ..ops.opset import build_ops
+
+            ops = build_ops()
+        T = (shape[-2] // patch_size) * (shape[-1] // patch_size)
+        ids_keep = ops.keep_indices(batch, T, mask_ratio, device, generator)
+    return StepRandomness(rnd_normal, noise, ids_keep, patch_size, caption_keep)
+
+
+def loss(model, x0, y, *, step: StepRandomness | None = None, mask_ratio: float = 0.0, rnd_normal=None,
+         noise=None, ids_keep=None, caption_dropout: float = 0.0, config: EDMConfig = DEFAULT, generator=None,
+         return_terms: bool = False):
     """EDM training loss. With masking, only kept patches count (per-sample mean, then batch mean).
 
-    `rnd_normal` (B, 1, 1, 1) and `noise` (unit variance, shape of x0) fix the randomness;
-    `ids_keep` (B, K) fixes the kept tokens. `caption_dropout` zeroes that fraction of captions.
-    `model_config` is needed only when `model` is wrapped (DDP, FSDP, torch.compile).
+    `step` (from `draw_step`) fixes all the randomness; so do, piece by piece, `rnd_normal`
+    (B, 1, 1, 1), `noise` (unit variance, shape of x0) and `ids_keep` (B, K), the rest being drawn
+    from `generator` as `draw_step` does. `caption_dropout` zeroes that fraction of captions.
+    Without `step`, `model` must be a MicroDiT (its config and ops); a wrapped model (DDP, FSDP,
+    torch.compile, a function) needs `step`.
     """
-    mcfg = model_config or model.config
     B = x0.shape[0]
-    if rnd_normal is None:
-        rnd_normal = torch.randn(B, 1, 1, 1, device=x0.device, generator=generator)
-    if noise is None:
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    if caption_dropout > 0:
-        keep = torch.rand(B, device=y.device, generator=generator) >= caption_dropout
-        y = y * keep.view(B, *([1] * (y.dim() - 1))).to(y.dtype)
-    sigma = (rnd_normal * config.P_std + config.P_mean).exp()  # (B, 1, 1, 1)
+    if step is None:
+        if not hasattr(model, "config") or not hasattr(model, "ops"):
+            raise TypeError(f"edm.loss: {type(model).__name__} is not a MicroDiT: pass step=edm.draw_step(...) "
+                            "with the model's patch size and ops")
+        step = draw_step(B, x0.shape[1:], patch_size=model.config.patch_size, mask_ratio=mask_ratio,
+                         caption_dropout=caption_dropout, ops=model.ops, device=x0.device, dtype=x0.dtype,
+                         generator=generator, rnd_normal=rnd_normal, noise=noise, ids_keep=ids_keep)
+    if step.caption_keep is not None:
+        y = y * step.caption_keep.view(B, *([1] * (y.dim() - 1))).to(y.device, y.dtype)
+    sigma = (step.rnd_normal * config.P_std + config.P_mean).exp()  # (B, 1, 1, 1)
     weight = (sigma**2 + config.sigma_data**2) / (sigma * config.sigma_data) ** 2
-    p = mcfg.patch_size
+    p, ids_keep = step.patch_size, step.ids_keep
     T = (x0.shape[2] // p) * (x0.shape[3] // p)
-    if ids_keep is None and mask_ratio > 0:
-        ids_keep = keep_indices(B, T, mask_ratio, x0.device, generator,
-                                           backend=mcfg.backends.get("keep_indices"))
-    D_x = denoise(model, x0 + noise * sigma, sigma, y, sigma_data=config.sigma_data, ids_keep=ids_keep)
+    D_x = denoise(model, x0 + step.noise * sigma, sigma, y, sigma_data=config.sigma_data, ids_keep=ids_keep)
     err = weight * (D_x - x0) ** 2  # (B, C, H, W)
     if ids_keep is None:
         value = err.mean()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..ops.opset import probe_ops
 from .config import MicroDiTConfig
 from .microdit import MicroDiT, sincos_pos_table
 from .presets import PRESETS, preset_config
@@ -118,8 +119,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> Mi
 
 def _first_mismatch(sd: Mapping[str, torch.Tensor], cfg: MicroDiTConfig) -> str | None:
     """The first tensor a model of `cfg` lacks or shapes differently, or None when all fit."""
-    with torch.device("meta"):
-        expected = MicroDiT(cfg).state_dict()
+    with torch.device("meta"):  # shapes only: no backend is checked or warmed
+        expected = MicroDiT(cfg, ops=probe_ops(cfg.backends)).state_dict()
     for key, ref in expected.items():
         if key not in sd:
             return f"missing tensor {key!r}"

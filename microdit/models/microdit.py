@@ -21,17 +21,11 @@ from ..nn.layers import (
     layer_norm,
     modulate,
     moe_hidden,
-    op_backend,
+    bound_op,
     swiglu_hidden,
 )
-from ..ops import moe
-from ..ops.keep_indices import keep_indices, keep_indices_op
-from ..ops.mask_tokens import mask_tokens, mask_tokens_op
-from ..ops.unmask_tokens import unmask_tokens_op
-from ..ops.unmask_unpatchify import unmask_unpatchify, unmask_unpatchify_op
-from ..ops import ln_modulate as ln_modulate_ops
-from ..ops import multi_linear as multi_linear_ops
-from ..ops import residual_ln_modulate as residual_ops
+from ..ops.opset import OpSet, build_ops
+from ..ops.unmask_unpatchify import unpatchify
 from .config import MicroDiTConfig
 
 
@@ -55,18 +49,18 @@ class Block(nn.Module):
     the LayerNorm after it (residual_ln_modulate); with the `reference` backends this is the
     published sequence of operations, one after the other."""
 
-    def __init__(self, dim, cond_dim, attn_width, head_dim, ffn, eps, bias, backends=None):
+    def __init__(self, dim, cond_dim, attn_width, head_dim, ffn, eps, bias, ops: OpSet | None = None):
         super().__init__()
         self.eps = eps
         self.norm1 = layer_norm(dim, eps)
-        self.attn = SelfAttention(dim, attn_width, head_dim, eps, bias, backends)
-        self.cross_attn = CrossAttention(dim, dim, head_dim, eps, bias, backends)
+        self.attn = SelfAttention(dim, attn_width, head_dim, eps, bias, ops)
+        self.cross_attn = CrossAttention(dim, dim, head_dim, eps, bias, ops)
         self.norm2 = layer_norm(dim, eps)
         self.norm3 = layer_norm(dim, eps)
         self.mlp = ffn
         self.adaLN_modulation = nn.Sequential(gelu_tanh(), nn.Linear(cond_dim, 6 * dim, bias=True))
-        self.ln_backend = op_backend(ln_modulate_ops.ln_modulate_op, backends)
-        self.residual_backend = op_backend(residual_ops.residual_ln_modulate_op, backends)
+        self.ln_modulate = bound_op(ops, "ln_modulate")
+        self.residual_ln_modulate = bound_op(ops, "residual_ln_modulate")
 
     def forward(self, x, y, c, mod=None, kv=None):
         """`mod` (B, 6d) and `kv` (B, L, 2d): this block's adaLN output and caption K/V, when the
@@ -76,24 +70,23 @@ class Block(nn.Module):
         # norm2 is not modulated: shift = scale = 0 (two tensors: one passed twice to an
         # autograd.Function is a graph break under torch.compile)
         zero_shift, zero_scale = torch.zeros_like(shift1), torch.zeros_like(scale1)
-        h = ln_modulate_ops.ln_modulate(x, self.norm1.weight, shift1, scale1, self.eps,
-                                        backend=self.ln_backend)  # (B, N, d)
-        x, h = residual_ops.residual_ln_modulate(x, self.attn(h), gate1, self.norm2.weight, zero_shift, zero_scale, self.eps,
-                                                 backend=self.residual_backend)  # (B, N, d) x 2
-        x, h = residual_ops.residual_ln_modulate(x, self.cross_attn(h, y, kv), None, self.norm3.weight, shift2,
-                                                 scale2, self.eps, backend=self.residual_backend)  # (B, N, d) x 2
+        h = self.ln_modulate(x, self.norm1.weight, shift1, scale1, self.eps)  # (B, N, d)
+        x, h = self.residual_ln_modulate(x, self.attn(h), gate1, self.norm2.weight, zero_shift, zero_scale,
+                                         self.eps)  # (B, N, d) x 2
+        x, h = self.residual_ln_modulate(x, self.cross_attn(h, y, kv), None, self.norm3.weight, shift2, scale2,
+                                         self.eps)  # (B, N, d) x 2
         return x + gate2.unsqueeze(1) * self.mlp(h)  # (B, N, d)
 
 
 class CaptionBlock(nn.Module):
     """Pre-norm transformer block over caption tokens, without modulation."""
 
-    def __init__(self, dim, head_dim, multiple_of, eps, bias, backends=None):
+    def __init__(self, dim, head_dim, multiple_of, eps, bias, ops: OpSet | None = None):
         super().__init__()
         self.norm1 = layer_norm(dim, eps)
-        self.attn = SelfAttention(dim, dim, head_dim, eps, bias, backends)
+        self.attn = SelfAttention(dim, dim, head_dim, eps, bias, ops)
         self.norm2 = layer_norm(dim, eps)
-        self.mlp = SwiGLU(dim, swiglu_hidden(dim, 4.0, multiple_of), bias, backends)
+        self.mlp = SwiGLU(dim, swiglu_hidden(dim, 4.0, multiple_of), bias, ops)
 
     def forward(self, y):
         y = y + self.attn(self.norm1(y))  # (B, L, D)
@@ -114,31 +107,22 @@ class FinalLayer(nn.Module):
 
 
 class MicroDiT(nn.Module):
-    """MicroDiT. `forward` returns the network output F (before EDM preconditioning)."""
+    """MicroDiT. `forward` returns the network output F (before EDM preconditioning).
 
-    def __init__(self, config: MicroDiTConfig):
+    `ops` (microdit.ops.opset.OpSet) are the ops it runs, each with its backend; default: built
+    from `config.backends` by `build_ops` (which checks them and the MICRODIT_BACKEND variable).
+    """
+
+    def __init__(self, config: MicroDiTConfig, ops: OpSet | None = None):
         super().__init__()
         self.config = cfg = config
         D, eps, bias = cfg.dim, cfg.norm_eps, cfg.use_bias
-        moe_backend = cfg.backends.get("moe")
-        ops = {"moe", "keep_indices", "mask_tokens", "unmask_tokens", "unmask_unpatchify", "attention", "swiglu",
-               "ln_modulate", "residual_ln_modulate", "multi_linear"}
-        unknown = set(cfg.backends) - ops
-        if unknown:
-            raise ValueError(f"backends name unknown ops {sorted(unknown)} (ops: {', '.join(sorted(ops))})")
-        # Resolve each op's backend once, here: an explicit choice that cannot run fails now.
-        self.mask_backend = {}
-        for op in (keep_indices_op, mask_tokens_op, unmask_tokens_op,
-                   unmask_unpatchify_op):
-            self.mask_backend[op.name] = op.warm().resolve(cfg.backends.get(op.name))
-        moe.moe_op.warm()
-        self.multi_linear_backend = op_backend(multi_linear_ops.multi_linear_op, cfg.backends)
-        backends = cfg.backends
+        self.ops = ops = ops if ops is not None else build_ops(cfg.backends)
 
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = CaptionEmbedder(cfg.caption_channels, D, eps)
-        self.y_emb_preprocess = CaptionBlock(D, cfg.head_dim, cfg.multiple_of, eps, bias, cfg.backends)
+        self.y_emb_preprocess = CaptionBlock(D, cfg.head_dim, cfg.multiple_of, eps, bias, ops)
         self.pooled_y_emb_process = ProjectionMLP(D, D, eps)
         self.register_buffer("pos_embed", torch.zeros(1, cfg.num_tokens, D), persistent=True)
         self.register_buffer("mask_token", torch.zeros(1, 1, cfg.patch_dim), persistent=True)
@@ -146,15 +130,15 @@ class MicroDiT(nn.Module):
         def ffn(dim, ratio, i, depth, backbone):
             if cfg.is_moe_block(i, depth, backbone):
                 return ExpertChoiceMoE(dim, moe_hidden(dim, ratio, cfg.multiple_of), cfg.num_experts,
-                                       cfg.expert_capacity, backend=moe_backend)
-            return SwiGLU(dim, swiglu_hidden(dim, ratio, cfg.multiple_of), bias, backends)
+                                       cfg.expert_capacity, ops)
+            return SwiGLU(dim, swiglu_hidden(dim, ratio, cfg.multiple_of), bias, ops)
 
         if cfg.use_patch_mixer:
             Dm, n = cfg.patch_mixer_dim, cfg.patch_mixer_depth
             # Registration order gives the published state-dict order (mixer blocks, then maps).
             self.patch_mixer = nn.ModuleList([
                 Block(Dm, D, attention_width(Dm, cfg.patch_mixer_qkv_ratio, cfg.head_dim), cfg.head_dim,
-                      ffn(Dm, cfg.patch_mixer_mlp_ratio, i, n, False), eps, bias, backends)
+                      ffn(Dm, cfg.patch_mixer_mlp_ratio, i, n, False), eps, bias, ops)
                 for i in range(n)
             ])
             if Dm != D:
@@ -165,7 +149,7 @@ class MicroDiT(nn.Module):
                 self.patch_mixer_map_xin = self.patch_mixer_map_xout = self.patch_mixer_map_y = nn.Identity()
         self.blocks = nn.ModuleList([
             Block(D, D, attention_width(D, cfg.qkv_multipliers[i], cfg.head_dim), cfg.head_dim,
-                  ffn(D, cfg.ffn_multipliers[i], i, cfg.depth, True), eps, bias, backends)
+                  ffn(D, cfg.ffn_multipliers[i], i, cfg.depth, True), eps, bias, ops)
             for i in range(cfg.depth)
         ])
         self.final_layer = FinalLayer(D, cfg.patch_dim, eps)
@@ -236,9 +220,7 @@ class MicroDiT(nn.Module):
     # ------------------------------------------------------------------ forward
     def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(B, T, p*p*C) with per-token layout (row, col, channel) -> (B, C, h*p, w*p)."""
-        p, C = self.config.patch_size, self.config.in_channels
-        x = x.reshape(x.shape[0], h, w, p, p, C)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, h * p, w * p)
+        return unpatchify(x, h, w, self.config.patch_size, self.config.in_channels)
 
     def embed_condition(self, c_noise: torch.Tensor, y: torch.Tensor):
         """Timestep + caption path: returns the refined caption (B, L, D) and `c` (B, D)."""
@@ -256,8 +238,7 @@ class MicroDiT(nn.Module):
         """Every block's adaLN output (B, 6d) from GELU(c): one multi_linear (one GEMM when fused)."""
         lins = [b.adaLN_modulation[1] for b in blocks]
         g = blocks[0].adaLN_modulation[0](c)  # (B, D): the same GELU-tanh(c) in every block
-        return multi_linear_ops.multi_linear(g, [l.weight for l in lins], [l.bias for l in lins],
-                                             backend=self.multi_linear_backend)
+        return self.ops.multi_linear(g, [l.weight for l in lins], [l.bias for l in lins])
 
     def caption_kv(self, y: torch.Tensor, blocks) -> list[torch.Tensor | None]:
         """Every block's caption K/V (B, L, 2d) from the same caption states y: one multi_linear.
@@ -265,8 +246,7 @@ class MicroDiT(nn.Module):
         lins = [b.cross_attn.kv_linear for b in blocks]
         if not all(type(l) is nn.Linear for l in lins):
             return [None] * len(lins)
-        return multi_linear_ops.multi_linear(y, [l.weight for l in lins], [l.bias for l in lins],
-                                             backend=self.multi_linear_backend)
+        return self.ops.multi_linear(y, [l.weight for l in lins], [l.bias for l in lins])
 
     def forward(self, x, c_noise, y, *, mask_ratio: float = 0.0, ids_keep=None, guidance: float = 1.0,
                 generator: torch.Generator | None = None):
@@ -296,12 +276,11 @@ class MicroDiT(nn.Module):
                 x = block(x, y_mixer, c, mod, kv)  # (B, T, Dm)
         T = x.shape[1]
         if ids_keep is None and mask_ratio > 0:
-            ids_keep = keep_indices(B, T, mask_ratio, x.device, generator,
-                                               backend=self.mask_backend["keep_indices"])
+            ids_keep = self.ops.keep_indices(B, T, mask_ratio, x.device, generator)
         if ids_keep is not None:
             if ids_keep.dim() != 2 or ids_keep.shape[0] != B or ids_keep.shape[1] > T:
                 raise ValueError(f"ids_keep must be (B={B}, K<={T}); got {tuple(ids_keep.shape)}")
-            x = mask_tokens(x, ids_keep, backend=self.mask_backend["mask_tokens"])  # (B, K, Dm)
+            x = self.ops.mask_tokens(x, ids_keep)  # (B, K, Dm)
         if cfg.use_patch_mixer:
             x = self.patch_mixer_map_xout(x)  # (B, K, D)
         for block, mod, kv in zip(self.blocks, mods[len(mixer):], self.caption_kv(y, self.blocks)):
@@ -309,11 +288,7 @@ class MicroDiT(nn.Module):
         x = self.final_layer(x, c)  # (B, K, p*p*C)
         if ids_keep is not None:
             # Un-mask with mask_token and un-patchify, in one pass where a backend fuses them.
-            backend = self.mask_backend["unmask_unpatchify"] or self.mask_backend["unmask_tokens"]
-            if backend is not None and backend not in unmask_unpatchify_op.impls:
-                backend = None
-            return unmask_unpatchify(x, ids_keep, T, self.mask_token, h, w, p, cfg.in_channels,
-                                                backend=backend)  # (B, C, H, W)
+            return self.ops.unmask_unpatchify(x, ids_keep, T, self.mask_token, h, w, p, cfg.in_channels)  # (B, C, H, W)
         return self.unpatchify(x, h, w)  # (B, C, H, W)
 
     def forward_with_cfg(self, x, c_noise, y, guidance: float, **kw):

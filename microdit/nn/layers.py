@@ -7,9 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import attention as attention_ops
-from ..ops import moe
-from ..ops import swiglu as swiglu_ops
+from ..ops.opset import BoundOp, OpSet
 
 
 def gelu_tanh() -> nn.Module:
@@ -100,44 +98,40 @@ class CaptionEmbedder(nn.Module):
         return self.y_proj(y)
 
 
-def op_backend(op, backends: dict | None, key: str | None = None) -> str | None:
-    """The backend `backends[op name]` chose (checked now: a choice that cannot run fails at
-    construction), or None for the automatic choice at the first call."""
-    return op.warm().resolve((backends or {}).get(key or op.name))
-
-
-def backend_repr(op, backend: str | None) -> str:
-    return backend or "auto: " + op.default()
+def bound_op(ops: OpSet | None, name: str) -> BoundOp:
+    """Op `name` of `ops` (the model's, built once by ops.opset.build_ops), or, for a layer built
+    on its own, that op with its backend chosen automatically at each call."""
+    return ops[name] if ops is not None else BoundOp(name)
 
 
 class SelfAttention(nn.Module):
     """Fused qkv, LN0 on q and k over all heads together, attention, output projection."""
 
-    def __init__(self, dim: int, width: int, head_dim: int, eps: float, bias: bool, backends: dict | None = None):
+    def __init__(self, dim: int, width: int, head_dim: int, eps: float, bias: bool, ops: OpSet | None = None):
         super().__init__()
         self.width, self.heads = width, width // head_dim
         self.qkv = nn.Linear(dim, 3 * width, bias=bias)
         self.q_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.k_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.proj = nn.Linear(width, dim, bias=bias)
-        self.backend = op_backend(attention_ops.attention_op, backends)
+        self.attention = bound_op(ops, "attention")
 
     def forward(self, x):
         B, N, _ = x.shape
         q, k, v = self.qkv(x).split(self.width, dim=-1)  # 3 x (B, N, h)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.view(B, N, self.heads, -1) for t in (q, k, v))  # (B, N, H, hd), no transposes
-        o = attention_ops.attention(q, k, v, backend=self.backend)  # (B, N, H, hd)
+        o = self.attention(q, k, v)  # (B, N, H, hd)
         return self.proj(o.reshape(B, N, self.width))  # (B, N, d)
 
     def extra_repr(self):
-        return f"heads={self.heads}, attention={backend_repr(attention_ops.attention_op, self.backend)}"
+        return f"heads={self.heads}, attention={self.attention.describe()}"
 
 
 class CrossAttention(nn.Module):
     """Queries from image tokens, keys and values (k first) from caption tokens."""
 
-    def __init__(self, dim: int, width: int, head_dim: int, eps: float, bias: bool, backends: dict | None = None):
+    def __init__(self, dim: int, width: int, head_dim: int, eps: float, bias: bool, ops: OpSet | None = None):
         super().__init__()
         self.width, self.heads = width, width // head_dim
         self.q_linear = nn.Linear(dim, width, bias=bias)
@@ -145,7 +139,7 @@ class CrossAttention(nn.Module):
         self.q_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.k_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.proj = nn.Linear(width, dim, bias=bias)
-        self.backend = op_backend(attention_ops.attention_op, backends)
+        self.attention = bound_op(ops, "attention")
 
     def forward(self, x, y, kv=None):
         """`kv` (B, L, 2h): kv_linear(y) when the model computed it already (all blocks in one GEMM)."""
@@ -154,49 +148,48 @@ class CrossAttention(nn.Module):
         q = self.q_norm(self.q_linear(x)).view(B, N, self.heads, -1)  # (B, N, H, hd)
         k, v = (self.kv_linear(y) if kv is None else kv).split(self.width, dim=-1)  # 2 x (B, L, h)
         k = self.k_norm(k).view(B, L, self.heads, -1)  # (B, L, H, hd)
-        o = attention_ops.attention(q, k, v.view(B, L, self.heads, -1), backend=self.backend)  # (B, N, H, hd)
+        o = self.attention(q, k, v.view(B, L, self.heads, -1))  # (B, N, H, hd)
         return self.proj(o.reshape(B, N, self.width))  # (B, N, d)
 
     def extra_repr(self):
-        return f"heads={self.heads}, attention={backend_repr(attention_ops.attention_op, self.backend)}"
+        return f"heads={self.heads}, attention={self.attention.describe()}"
 
 
 class SwiGLU(nn.Module):
     """W3(silu(W1 x) * W2 x)."""
 
-    def __init__(self, dim: int, hidden: int, bias: bool, backends: dict | None = None):
+    def __init__(self, dim: int, hidden: int, bias: bool, ops: OpSet | None = None):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=bias)
         self.w2 = nn.Linear(dim, hidden, bias=bias)
         self.w3 = nn.Linear(hidden, dim, bias=bias)
-        self.backend = op_backend(swiglu_ops.swiglu_op, backends)
+        self.swiglu = bound_op(ops, "swiglu")
 
     def forward(self, x):
         if not all(type(m) is nn.Linear for m in (self.w1, self.w2, self.w3)):
             # Linears replaced by FP8 ones (microdit.fp8) run as modules, each its own GEMM.
             return self.w3(F.silu(self.w1(x)) * self.w2(x))
-        return swiglu_ops.swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight, self.w1.bias, self.w2.bias,
-                                 self.w3.bias, backend=self.backend)
+        return self.swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight, self.w1.bias, self.w2.bias,
+                           self.w3.bias)
 
     def extra_repr(self):
-        return f"swiglu={backend_repr(swiglu_ops.swiglu_op, self.backend)}"
+        return f"swiglu={self.swiglu.describe()}"
 
 
 class ExpertChoiceMoE(nn.Module):
-    """Expert-choice MoE FFN; the op's backend is resolved once, here, at construction."""
+    """Expert-choice MoE FFN through the `moe` op of `ops` (see bound_op)."""
 
-    def __init__(self, dim: int, hidden: int, num_experts: int, capacity: float, backend: str | None = None):
+    def __init__(self, dim: int, hidden: int, num_experts: int, capacity: float, ops: OpSet | None = None):
         super().__init__()
         self.capacity = capacity
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        self.backend = moe.moe_op.resolve(backend)
+        self.moe = bound_op(ops, "moe")
 
     def forward(self, x):
-        return moe.expert_choice_moe(x, self.gate.weight, self.w1, self.w2, self.capacity,
-                                              backend=self.backend)
+        return self.moe(x, self.gate.weight, self.w1, self.w2, self.capacity)
 
     def extra_repr(self):
         E, d, h = self.w1.shape
-        return f"experts={E}, dim={d}, hidden={h}, capacity={self.capacity}, backend={self.backend or 'auto: ' + moe.moe_op.default()}"
+        return f"experts={E}, dim={d}, hidden={h}, capacity={self.capacity}, backend={self.moe.describe()}"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from ..diffusion.edm import DEFAULT as EDM_DEFAULT, EDMConfig
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names the key, the value and the type."""
@@ -63,10 +65,16 @@ class OptimSection:
 
 @dataclass
 class DiffusionSection:
+    """The masking ratio and the EDM constants training sets (defaults: edm.EDMConfig's)."""
+
     mask_ratio: float = 0.75
-    P_mean: float = -0.6
-    P_std: float = 1.2
-    sigma_data: float = 0.9
+    P_mean: float = EDM_DEFAULT.P_mean
+    P_std: float = EDM_DEFAULT.P_std
+    sigma_data: float = EDM_DEFAULT.sigma_data
+
+    def edm_config(self) -> EDMConfig:
+        """These constants as the EDMConfig that edm.loss takes (the sampler's stay EDMConfig's)."""
+        return dataclasses.replace(EDM_DEFAULT, P_mean=self.P_mean, P_std=self.P_std, sigma_data=self.sigma_data)
 
 
 @dataclass

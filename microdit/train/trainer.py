@@ -25,7 +25,6 @@ from ..diffusion import edm
 from ..models.flops import model_flops
 from ..models.microdit import MicroDiT
 from ..models.presets import preset_config
-from ..ops.keep_indices import keep_indices
 from . import distributed
 from .checkpoint import (FORMAT, CheckpointManager, TrainCheckpointError, UnsafeCheckpointError, load_checkpoint,
                          resolve_checkpoint)
@@ -158,6 +157,7 @@ class Trainer:
         bf16 = precision == "bf16" or precision == "fp8" and self.device.type == "cuda"
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         self.precision = precision
+        self.edm_config = cfg.diffusion.edm_config()  # the EDM constants of every step
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.raw = build_model(cfg, data_info).initialize_weights().to(self.device)
@@ -314,35 +314,26 @@ class Trainer:
             + f"; resume with the run's own settings (see {self.out / 'config.json'}) or train into a new --out")
 
     # ------------------------------------------------------------------ one step
-    def _noise(self, batch_local: int, micro: int, shape):
+    def _noise(self, batch_local: int, micro: int, shape) -> edm.StepRandomness:
         """Randomness of the global micro-batch, drawn identically on every rank; this rank's share."""
         world, rank = self.dist.world_size, self.dist.rank
         g = torch.Generator(self.device).manual_seed(step_seed(self.cfg.train.seed, self.step, micro))
-        n = batch_local * world
-        rnd = torch.randn(n, 1, 1, 1, device=self.device, generator=g)
-        noise = torch.randn(n, *shape, device=self.device, generator=g)
-        ids = None
-        if self.cfg.diffusion.mask_ratio > 0:
-            T = self.raw.config.num_tokens
-            ids = keep_indices(n, T, self.cfg.diffusion.mask_ratio, self.device, g,
-                                          backend=self.raw.mask_backend["keep_indices"])
+        step = edm.draw_step(batch_local * world, shape, patch_size=self.raw.config.patch_size,
+                             mask_ratio=self.cfg.diffusion.mask_ratio, ops=self.raw.ops, device=self.device,
+                             generator=g)
         # Rank r holds samples r, r + W, r + 2W, ... of the global micro-batch (the loader's
         # stride), so W ranks see exactly the randomness one process would for the same batch.
-        part = slice(rank, n, world)
-        return rnd[part], noise[part], None if ids is None else ids[part]
+        return step[rank::world]
 
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm) as tensors."""
-        d = self.cfg.diffusion
-        ecfg = edm.EDMConfig(sigma_data=d.sigma_data, P_mean=d.P_mean, P_std=d.P_std)
         total = torch.zeros((), device=self.device)
         for micro, batch in enumerate(batches):
             x0 = batch["latents"].to(self.device, non_blocking=True)
             y = batch["caption_states"].to(self.device, non_blocking=True)
-            rnd, noise, ids = self._noise(x0.shape[0], micro, x0.shape[1:])
+            step = self._noise(x0.shape[0], micro, x0.shape[1:])
             with distributed.no_sync(self.model, micro == self.accum - 1), self.autocast, self.fp8_context():
-                loss = edm.loss(self.forward, x0, y, rnd_normal=rnd, noise=noise, ids_keep=ids, config=ecfg,
-                                model_config=self.raw.config)
+                loss = edm.loss(self.forward, x0, y, step=step, config=self.edm_config)
             (loss / self.accum).backward()
             total += loss.detach()
         with torch.profiler.record_function("microdit::clip_grad_norm"):  # a category of `microdit bench`
