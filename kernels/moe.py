@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from microdit.ops.moe import expert_rows
+
 from .common import INTERPRET, pow2
 
 
@@ -302,13 +304,6 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, m: int, k: int, rows: torc
 
 
 # ---------------------------------------------------------------- the layer
-def expert_rows(idx: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, E, k) -> (E, B*k) int64: each block row's row in x viewed as (B*T, d)."""
-    B, E, k = idx.shape
-    offsets = torch.arange(B, device=idx.device).mul_(T).view(B, 1, 1)
-    return (idx + offsets).transpose(0, 1).reshape(E, B * k)
-
-
 def moe_fwd(x, gate_weight, w1, w2, k: int):
     """The layer's forward. Returns out (B, T, d) and what the backward needs:
     probs (B, T, E), gates, idx (B, E, k), inv (B, T, E), act and dgelu (E, B*k, hidden), y (E, B*k, d)."""

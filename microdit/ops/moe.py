@@ -38,6 +38,11 @@ def route(x, gate_weight, k):
     return probs, gates, idx
 
 
+def softmax_backward(dprobs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """d logits of probs = softmax(logits, -1) from d probs: probs * (dprobs - <dprobs, probs>)."""
+    return probs * (dprobs - (dprobs * probs).sum(dim=-1, keepdim=True))
+
+
 @moe_op.register("reference", priority=0)
 def moe_reference(x, gate_weight, w1, w2, capacity):
     """Published: one-hot dispatch/combine einsums."""
@@ -52,11 +57,11 @@ def moe_reference(x, gate_weight, w1, w2, capacity):
     return torch.einsum("bekt,bekd->btd", onehot, out)
 
 
-def _expert_rows(idx: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, E, k) token indices -> (E*B*k,) rows of x.view(B*T, d), expert-major."""
-    B = idx.shape[0]
+def expert_rows(idx: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, E, k) token indices -> (E, B*k) int64: each expert block row's row in x.view(B*T, d)."""
+    B, E, k = idx.shape
     offsets = torch.arange(B, device=idx.device).mul_(T).view(B, 1, 1)
-    return (idx + offsets).transpose(0, 1).reshape(-1)
+    return (idx + offsets).transpose(0, 1).reshape(E, B * k)
 
 
 def _experts(xin, w1, w2):
@@ -72,7 +77,7 @@ def moe_torch(x, gate_weight, w1, w2, capacity, experts=None):
     E = w1.shape[0]
     k = expert_capacity(T, E, capacity)
     _, gates, idx = route(x, gate_weight, k)  # (B, E, k)
-    rows = _expert_rows(idx, T)  # (E*B*k,)
+    rows = expert_rows(idx, T).reshape(-1)  # (E*B*k,)
     xin = x.reshape(B * T, d).index_select(0, rows).view(E, B * k, d)  # (E, B*k, d)
     y = (experts or _experts)(xin, w1, w2) * gates.transpose(0, 1).reshape(E, B * k, 1)  # (E, B*k, d)
     # index_add_ adds in index order on the CPU (deterministic); CUDA uses atomics.
@@ -187,8 +192,7 @@ class _MoEExt(torch.autograd.Function):
     def forward(ctx, x, gate_weight, w1, w2, k):
         B, T, d = x.shape
         E = w1.shape[0]
-        probs = F.linear(x, gate_weight).softmax(dim=-1)  # (B, T, E)
-        gates, idx = torch.topk(probs.transpose(1, 2), k, dim=-1)  # (B, E, k)
+        probs, gates, idx = route(x, gate_weight, k)  # (B, T, E), (B, E, k), (B, E, k)
         inv = moe_inverse_ext(idx, T)  # (B, T, E)
         xin = moe_dispatch_ext(x, idx, inv).view(E, B * k, d)  # (E, B*k, d)
         act = torch.bmm(xin, w1)  # (E, B*k, hidden), pre-activation
@@ -213,7 +217,7 @@ class _MoEExt(torch.autograd.Function):
             # Router: d probs is nonzero only where an expert chose the token.
             dprobs = torch.zeros(B, E, T, dtype=probs.dtype, device=probs.device)
             dprobs = dprobs.scatter_(2, idx, dgates).transpose(1, 2)  # (B, T, E)
-            dlogits = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype).reshape(B * T, E)
+            dlogits = softmax_backward(dprobs, probs).reshape(B * T, E)
             if need_gate:
                 dgate = dlogits.t().mm(x.reshape(B * T, d))  # (E, d)
             if need_x:
