@@ -210,7 +210,7 @@ def measure(spec: StepSpec, backends: str, mode: str, precision: str, peaks: dic
                     trainer.step_once(batches)
                 timing.sync(device)
         cats = profile.categorize(prof.events(), device.type, profile.expert_weight_shapes(trainer.raw))
-        chosen = {name: trainer.raw.mask_backend.get(name) for name in trainer.raw.mask_backend}
+        chosen = trainer.raw.ops.backends()  # op -> the explicit backend, None where automatic
         flops = trainer.flops
         params = trainer.raw.num_parameters()
         trainer.lock.release()  # the run lock on the (temporary) output directory; `run` would release it

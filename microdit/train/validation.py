@@ -53,8 +53,7 @@ class Validator:
         self.sigmas = [float(s) for s in val_cfg.sigmas]
         if not self.sigmas or min(self.sigmas) <= 0:
             raise ValueError(f"val.sigmas must be positive noise levels, got {val_cfg.sigmas!r}")
-        self.edm = edm.EDMConfig(sigma_data=diffusion_cfg.sigma_data, P_mean=diffusion_cfg.P_mean,
-                                 P_std=diffusion_cfg.P_std)
+        self.edm = diffusion_cfg.edm_config()
         self._noise: dict[int, torch.Tensor] = {}
 
     def due(self, step: int) -> bool:
@@ -99,8 +98,7 @@ class Validator:
                 rnd = torch.full((len(pos), 1, 1, 1), (math.log(sigma) - self.edm.P_mean) / self.edm.P_std,
                                  device=device)
                 with trainer.autocast:
-                    loss = edm.loss(model, x0, y, rnd_normal=rnd, noise=noise[k].to(device), config=self.edm,
-                                    model_config=trainer.raw.config)
+                    loss = edm.loss(model, x0, y, rnd_normal=rnd, noise=noise[k].to(device), config=self.edm)
                 if r < len(mine):
                     sums[b, k] = float(loss) * len(pos)
         model.train(was_training)

@@ -22,7 +22,7 @@ def step_inputs(B=2, seed=0):
 
 def loss_fn(model):
     def fn(x0, y, rnd, noise, ids):
-        return edm.loss(model, x0, y, rnd_normal=rnd, noise=noise, ids_keep=ids, model_config=model.config)
+        return edm.loss(model, x0, y, rnd_normal=rnd, noise=noise, ids_keep=ids)
     return fn
 
 
