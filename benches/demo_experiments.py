@@ -1,0 +1,144 @@
+"""Controlled demo experiments: train a recipe variant for a few hundred steps, score it with ShapesEval.
+
+Each experiment is the demo config plus `key=value` overrides (the trainer's config keys), trained
+on shards prepared once and shared by every run, then sampled with the EMA weights and scored on
+`--prompts` ShapesEval prompts. Sampler settings are experiment settings too: `sample.sigma_max=`,
+`sample.rho=`, `sample.steps=`, `sample.guidance=`. One JSON line per experiment is appended to
+`--results`; `--table` prints them as the markdown table of docs/demo_experiments.md.
+
+    python -m benches.demo_experiments --name base --steps 400
+    python -m benches.demo_experiments --name lr3e-3 --steps 400 optim.lr=3e-3
+    python -m benches.demo_experiments --table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution", "overall")
+
+
+def _split(overrides: list[str]) -> tuple[list[str], dict]:
+    """Trainer overrides and sampler settings (`sample.*`) apart."""
+    train, sample = [], {}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.startswith("sample."):
+            sample[key.removeprefix("sample.")] = float(value)
+        else:
+            train.append(o)
+    return train, sample
+
+
+def run(name: str, steps: int, overrides: list[str], work: Path, prompts: int, config: str) -> dict:
+    import torch
+
+    from microdit.data.loader import ShardLoader
+    from microdit.diffusion import edm
+    from microdit.eval.shapes_eval import ShapesEval, eval_prompts
+    from microdit.models.microdit import MicroDiT
+    from microdit.train.cli import data_info_from, prepare_default_data
+    from microdit.train.config import load_config
+    from microdit.train.distributed import setup
+    from microdit.train.sampling import encoders_from, save_grid
+    from microdit.train.trainer import Trainer
+
+    train_over, sample = _split(overrides)
+    out = work / name
+    cfg = load_config(config, [*train_over, f"train.steps={steps}", f"out={out}", "train.sample_every=0",
+                               "train.ckpt_every=0", "train.tensorboard=false"])
+    info = setup("cpu")
+    # Shards are shared by the runs that prepare the same data.
+    d = cfg.data
+    data_key = f"{d.source}-{d.num}-{d.resolution}-{d.codec.replace(':', '')}-{d.text_encoder}-{d.caption_len}"
+    data_cfg = load_config(config, [*train_over, f"out={work / ('data-' + data_key)}"])
+    t0 = time.perf_counter()
+    root = Path(cfg.data.path) if cfg.data.path else prepare_default_data(data_cfg, info)
+    t_prep = time.perf_counter() - t0
+    loader = ShardLoader(root, cfg.train.micro_batch, seed=cfg.train.seed, resolution=cfg.data.resolution,
+                         caption_dropout=cfg.data.caption_dropout)
+    trainer = Trainer(cfg, loader, data_info_from(loader.dataset), dist_info=info)
+    trainer.sample_grid = lambda: None  # scored below instead
+    t1 = time.perf_counter()
+    summary = trainer.run()
+    t_train = time.perf_counter() - t1
+
+    model = MicroDiT(trainer.raw.config)
+    model.load_state_dict(trainer.ema.shadow if trainer.ema else trainer.raw.state_dict())
+    model.eval()
+    ecfg = edm.EDMConfig(sigma_data=cfg.diffusion.sigma_data,
+                         sigma_max=sample.get("sigma_max", edm.DEFAULT.sigma_max),
+                         sigma_min=sample.get("sigma_min", edm.DEFAULT.sigma_min),
+                         rho=sample.get("rho", edm.DEFAULT.rho))
+    n_steps = int(sample.get("steps", cfg.train.sample_steps))
+    guidance = sample.get("guidance", cfg.train.sample_guidance)
+    text_encoder, codec = encoders_from(trainer.data_info, "cpu")
+    evals = eval_prompts(prompts, 0)
+    t2 = time.perf_counter()
+    images = []
+    c = model.config
+    with torch.no_grad():
+        for s in range(0, len(evals), 30):
+            chunk = [e.prompt for e in evals[s:s + 30]]
+            states, _ = text_encoder.encode(chunk)
+            noise = torch.randn(len(chunk), c.in_channels, c.input_size, c.input_size,
+                                generator=torch.Generator().manual_seed(s))
+            z = edm.sample(model, noise, states, steps=n_steps, guidance=guidance, config=ecfg)
+            images.append(codec.decode(z).numpy())
+    import numpy as np
+
+    images = np.concatenate(images)
+    scores = ShapesEval().score(images, [e.prompt for e in evals])
+    t_eval = time.perf_counter() - t2
+    save_grid(images[:48], out / "eval_grid.png", nrow=12)
+    curve = summary["loss_curve"]
+    result = {"name": name, "steps": steps, "overrides": overrides, "prompts": prompts,
+              "prepare_s": round(t_prep, 1), "train_s": round(t_train, 1), "eval_s": round(t_eval, 1),
+              "load": os.getloadavg()[0], "parameters": summary["parameters"],
+              "final_loss": float(np.mean([v for _, v in curve[-4:]])),
+              **{k: round(float(scores[k]), 3) for k in CATEGORIES}}
+    return result
+
+
+def table(results: Path) -> str:
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    head = ["experiment", "change", "steps", "train min", "load", "loss", *CATEGORIES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        change = " ".join(f"`{o}`" for o in r["overrides"]) or "demo config"
+        lines.append("| " + " | ".join([r["name"], change, str(r["steps"]), f"{r['train_s'] / 60:.1f}",
+                                        f"{r['load']:.1f}", f"{r['final_loss']:.3f}",
+                                        *[f"{r[k]:.2f}" for k in CATEGORIES]]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--name")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--prompts", type=int, default=60)
+    p.add_argument("--config", default="demo")
+    p.add_argument("--work", default="runs/demo_experiments")
+    p.add_argument("--results", default="runs/demo_experiments/results.jsonl")
+    p.add_argument("--table", action="store_true", help="print the results as a markdown table")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    results = Path(args.results)
+    if args.table:
+        print(table(results))
+        return 0
+    if not args.name:
+        p.error("--name is required (or --table)")
+    r = run(args.name, args.steps, args.overrides, Path(args.work), args.prompts, args.config)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as f:
+        f.write(json.dumps(r) + "\n")
+    print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
