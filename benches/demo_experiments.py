@@ -34,16 +34,13 @@ def _split(overrides: list[str]) -> tuple[list[str], dict]:
 
 
 def run(name: str, steps: int, overrides: list[str], work: Path, prompts: int, config: str) -> dict:
-    import torch
+    import numpy as np
 
     from microdit.data.loader import ShardLoader
-    from microdit.diffusion import edm
-    from microdit.eval.shapes_eval import ShapesEval, eval_prompts
     from microdit.models.microdit import MicroDiT
     from microdit.train.cli import data_info_from, prepare_default_data
     from microdit.train.config import load_config
     from microdit.train.distributed import setup
-    from microdit.train.sampling import encoders_from, save_grid
     from microdit.train.trainer import Trainer
 
     train_over, sample = _split(overrides)
@@ -68,16 +65,35 @@ def run(name: str, steps: int, overrides: list[str], work: Path, prompts: int, c
 
     model = MicroDiT(trainer.raw.config)
     model.load_state_dict(trainer.ema.shadow if trainer.ema else trainer.raw.state_dict())
+    t2 = time.perf_counter()
+    scores = score(model, trainer.data_info, cfg.diffusion.sigma_data, sample, cfg.train, prompts, out)
+    t_eval = time.perf_counter() - t2
+    curve = summary["loss_curve"]
+    result = {"name": name, "steps": steps, "overrides": overrides, "prompts": prompts,
+              "prepare_s": round(t_prep, 1), "train_s": round(t_train, 1), "eval_s": round(t_eval, 1),
+              "load": os.getloadavg()[0], "parameters": summary["parameters"],
+              "final_loss": float(np.mean([v for _, v in curve[-4:]])),
+              **{k: round(float(scores[k]), 3) for k in CATEGORIES}}
+    return result
+
+
+def score(model, data_info: dict, sigma_data: float, sample: dict, train, prompts: int, out: Path) -> dict:
+    """ShapesEval of `model` (EMA weights) on `prompts` prompts; the first 48 images to out/eval_grid.png."""
+    import numpy as np
+    import torch
+
+    from microdit.diffusion import edm
+    from microdit.eval.shapes_eval import ShapesEval, eval_prompts
+    from microdit.train.sampling import encoders_from, save_grid
+
     model.eval()
-    ecfg = edm.EDMConfig(sigma_data=cfg.diffusion.sigma_data,
-                         sigma_max=sample.get("sigma_max", edm.DEFAULT.sigma_max),
+    ecfg = edm.EDMConfig(sigma_data=sigma_data, sigma_max=sample.get("sigma_max", edm.DEFAULT.sigma_max),
                          sigma_min=sample.get("sigma_min", edm.DEFAULT.sigma_min),
                          rho=sample.get("rho", edm.DEFAULT.rho))
-    n_steps = int(sample.get("steps", cfg.train.sample_steps))
-    guidance = sample.get("guidance", cfg.train.sample_guidance)
-    text_encoder, codec = encoders_from(trainer.data_info, "cpu")
+    n_steps = int(sample.get("steps", train.sample_steps))
+    guidance = sample.get("guidance", train.sample_guidance)
+    text_encoder, codec = encoders_from(data_info, "cpu")
     evals = eval_prompts(prompts, 0)
-    t2 = time.perf_counter()
     images = []
     c = model.config
     with torch.no_grad():
@@ -88,19 +104,31 @@ def run(name: str, steps: int, overrides: list[str], work: Path, prompts: int, c
                                 generator=torch.Generator().manual_seed(s))
             z = edm.sample(model, noise, states, steps=n_steps, guidance=guidance, config=ecfg)
             images.append(codec.decode(z).numpy())
-    import numpy as np
-
     images = np.concatenate(images)
-    scores = ShapesEval().score(images, [e.prompt for e in evals])
-    t_eval = time.perf_counter() - t2
-    save_grid(images[:48], out / "eval_grid.png", nrow=12)
-    curve = summary["loss_curve"]
-    result = {"name": name, "steps": steps, "overrides": overrides, "prompts": prompts,
-              "prepare_s": round(t_prep, 1), "train_s": round(t_train, 1), "eval_s": round(t_eval, 1),
-              "load": os.getloadavg()[0], "parameters": summary["parameters"],
-              "final_loss": float(np.mean([v for _, v in curve[-4:]])),
-              **{k: round(float(scores[k]), 3) for k in CATEGORIES}}
-    return result
+    save_grid(images[:48], Path(out) / "eval_grid.png", nrow=12)
+    return ShapesEval().score(images, [e.prompt for e in evals])
+
+
+def rescore(name: str, checkpoint: str, overrides: list[str], prompts: int) -> dict:
+    """Score a finished training checkpoint again (sampler settings from `overrides`)."""
+    import torch
+
+    from microdit.models.config import MicroDiTConfig
+    from microdit.models.microdit import MicroDiT
+    from microdit.train.config import TrainSection
+
+    _, sample = _split(overrides)
+    # Our own experiment checkpoints (also those written before weights-only checkpoints).
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = MicroDiT(MicroDiTConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["ema"]["shadow"])
+    data_info = state["data_info"]
+    t = time.perf_counter()
+    scores = score(model, data_info, 0.9, sample, TrainSection(sample_steps=20, sample_guidance=3.0), prompts,
+                   Path(checkpoint).parent / f"rescore-{name}")
+    return {"name": name, "steps": None, "overrides": overrides, "prompts": prompts, "checkpoint": checkpoint,
+            "eval_s": round(time.perf_counter() - t, 1), "load": os.getloadavg()[0],
+            **{k: round(float(scores[k]), 3) for k in CATEGORIES}}
 
 
 def table(results: Path) -> str:
@@ -109,8 +137,10 @@ def table(results: Path) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         change = " ".join(f"`{o}`" for o in r["overrides"]) or "demo config"
-        lines.append("| " + " | ".join([r["name"], change, str(r["steps"]), f"{r['train_s'] / 60:.1f}",
-                                        f"{r['load']:.1f}", f"{r['final_loss']:.3f}",
+        trained = "train_s" in r  # rescored checkpoints: the training row they come from says
+        lines.append("| " + " | ".join([r["name"], change, str(r["steps"] or "as trained"),
+                                        f"{r['train_s'] / 60:.1f}" if trained else "-", f"{r['load']:.1f}",
+                                        f"{r['final_loss']:.3f}" if trained else "-",
                                         *[f"{r[k]:.2f}" for k in CATEGORIES]]) + " |")
     return "\n".join(lines)
 
@@ -124,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="runs/demo_experiments")
     p.add_argument("--results", default="runs/demo_experiments/results.jsonl")
     p.add_argument("--table", action="store_true", help="print the results as a markdown table")
+    p.add_argument("--checkpoint", help="score this training checkpoint instead of training (sampler experiments)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     results = Path(args.results)
@@ -132,7 +163,10 @@ def main(argv=None) -> int:
         return 0
     if not args.name:
         p.error("--name is required (or --table)")
-    r = run(args.name, args.steps, args.overrides, Path(args.work), args.prompts, args.config)
+    if args.checkpoint:
+        r = rescore(args.name, args.checkpoint, args.overrides, args.prompts)
+    else:
+        r = run(args.name, args.steps, args.overrides, Path(args.work), args.prompts, args.config)
     results.parent.mkdir(parents=True, exist_ok=True)
     with results.open("a") as f:
         f.write(json.dumps(r) + "\n")

@@ -3,8 +3,9 @@
 Image codecs map uint8 images (N, H, W, 3) to float32 latents (N, C, H/f, W/f) that are already
 shifted and scaled for the diffusion model, `(z - shift_factor) * scaling_factor`, and back:
 
-- `pixels` / `pixels:F`: no VAE; pixel values mapped to [-1, 1], optionally space-to-depth by F.
-  Exact: decoding gives back the same uint8 image. The embedded CPU demo's default.
+- `pixels` / `pixels:F` / `pixels:F:SCALE`: no VAE; pixel values mapped to [-1, 1], optionally
+  space-to-depth by F, optionally multiplied by SCALE (so that the latents' std matches the
+  diffusion's sigma_data). Exact: decoding gives back the same uint8 image. The embedded CPU demo's default.
 - a diffusers `AutoencoderKL` folder or hub id (SDXL VAE, the 16-channel Flux/Ostris kind), with
   the `scaling_factor` and `shift_factor` of its config.
 
@@ -593,14 +594,25 @@ class OpenCLIPTextEncoder(TextEncoder):
 # ------------------------------------------------------------------------------------ factories
 
 def get_codec(spec, **kw) -> ImageCodec:
-    """An image codec: `pixels`, `pixels:F`, or a diffusers AutoencoderKL folder / hub id (`vae:` prefix optional)."""
+    """An image codec: `pixels`, `pixels:F`, `pixels:F:SCALE`, or a diffusers AutoencoderKL folder / hub id (`vae:` prefix optional)."""
     if isinstance(spec, ImageCodec):
         return spec
     spec = str(spec).strip()
     if spec == "pixels" or spec.startswith("pixels:"):
-        factor = spec.partition(":")[2] or "1"
+        factor, _, scale = (spec.partition(":")[2] or "1").partition(":")
         if not factor.isdigit():
-            raise ValueError(f"codec {spec!r}: the space-to-depth factor must be an integer (pixels:F)")
+            raise ValueError(f"codec {spec!r}: the space-to-depth factor must be an integer (pixels:F or pixels:F:SCALE)")
+        if scale:
+            # pixels:F:SCALE multiplies the latents by SCALE, so that their std can match the
+            # diffusion's sigma_data (0.9) whatever the images' contrast.
+            try:
+                scale_value = float(scale)
+            except ValueError:
+                raise ValueError(f"codec {spec!r}: SCALE must be a number (pixels:F:SCALE)") from None
+            given = kw.pop("scaling_factor", None)
+            if given is not None and float(given) != scale_value:
+                raise ValueError(f"codec {spec!r}: its scale {scale_value} differs from scaling_factor={given}")
+            kw["scaling_factor"] = scale_value
         return PixelCodec(int(factor), **kw)
     if not spec:
         raise ValueError("empty codec spec: use `pixels`, `pixels:F` or an AutoencoderKL path or hub id")

@@ -99,7 +99,36 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         f"guidance {scores['guidance']}):", "",
         "| " + " | ".join(cats) + " |", "|" + "---|" * len(cats),
         "| " + " | ".join(f"{scores.get(c, float('nan')):.2f}" for c in cats) + " |", "",
-        "Samples: `final_samples/grid.png` (one row per prompt); training grids in `samples/`.",
+        "## Samples", "",
+        "One row per prompt, four seeds each (`final_samples/grid.png`); training-time grids are in `samples/`.", "",
+        "![samples](final_samples/grid.png)", "",
+        *[f"{i + 1}. {p}" for i, p in enumerate(PROMPTS)], "",
+        "![loss](loss.png)", "",
+        "## What you should see", "",
+        "- The loss falls fast in the first ~200 steps, then slowly; it stays noisy because every step "
+        "draws new noise levels.",
+        "- The grid fills in coarse to fine as training goes on (compare the grids in `samples/`): first "
+        "blobs of the prompted colour, then one object of roughly the prompted size in the prompted "
+        "place, then its outline (circle, square, triangle, diamond, cross) on a plain background. "
+        "Colours and single objects come first; two objects, exact counts and colour attribution "
+        "come last and need more steps than this budget.",
+        "- The same command gives the same numbers again (seeded data, noise and sampling).",
+        "- Token-sized (4 x 4 px) coloured squares scattered over the image mean the model does not use "
+        "its caption at high noise yet: train longer. If the trainer warned at step 0 that the "
+        "latents' std is far from `diffusion.sigma_data`, fix the scale first (docs/demo_experiments.md).", "",
+        "## Going further", "",
+        "- More steps: `microdit demo --steps 4000` (or `microdit train --config demo --steps 4000 "
+        "--out runs/longer`); shapes get cleaner and counting/attribution improve.",
+        "- A bigger model: `microdit train --config demo model.preset=MicroDiT_Tiny_2 --out runs/tiny` "
+        "(tens of times the compute per step: a GPU job).",
+        "- A GPU: the same commands use it when one is visible (bf16 autocast); raise "
+        "`train.global_batch` and `train.steps` with it.",
+        "- Your own images: a folder of images with a `.txt` caption beside each, then "
+        "`microdit prepare FOLDER OUT --resolution 32 --codec pixels:2:S` and "
+        "`microdit train --data OUT --out runs/mine`. Choose S so that the latents' std is about 0.9 "
+        "(S = 0.9 / std of the images in [-1, 1]: 3.5 for the grey Shapes, 1 for black-and-white "
+        "images); the trainer's step-0 warning tells you the value. `microdit sample runs/mine "
+        "\"your prompt\" --ema --out samples/` draws from it.",
     ]
     path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")

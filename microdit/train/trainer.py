@@ -106,6 +106,19 @@ def load_initial_weights(model: MicroDiT, source) -> None:
     model.load_state_dict({k: sd[k] for k in own}, strict=True)
 
 
+def check_data_scale(latents: torch.Tensor, sigma_data: float, tolerance: float = 1.6) -> float:
+    """The latents' std; a warning when it is far from `sigma_data` (EDM's c_skip, c_out and loss
+    weights assume it), naming the fix. Low-contrast pixel data (the Shapes demo: std 0.26 in
+    [-1, 1]) trained with sigma_data 0.9 learns only token-sized blobs (docs/demo_experiments.md)."""
+    std = float(latents.float().std())
+    if not sigma_data / tolerance <= std <= sigma_data * tolerance:
+        scale = sigma_data / max(std, 1e-12)
+        log.warning("the training latents have std %.3f but diffusion.sigma_data is %.3g: prepare them scaled "
+                    "by about %.2f (pixels codec: data.codec=pixels:F:%.2f; a VAE: its scaling_factor)",
+                    std, sigma_data, scale, scale)
+    return std
+
+
 class Trainer:
     """Trains a MicroDiT on batches {"latents": (B,C,H,W), "caption_states": (B,L,Cy)} from `loader`.
 
@@ -391,7 +404,10 @@ class Trainer:
         self.model.train()
         self.validate(force=True)  # at the start (step 0, or the resumed step): the curve's first point
         while self.step < t.steps:
-            loss, grad_norm, go_on = self.step_once([next(it) for _ in range(self.accum)], stop=bool(signals.signum))
+            batches = [next(it) for _ in range(self.accum)]
+            if self.step == 0:
+                check_data_scale(batches[0]["latents"], cfg.diffusion.sigma_data)
+            loss, grad_norm, go_on = self.step_once(batches, stop=bool(signals.signum))
             for fn in self.callbacks:
                 fn(self, loss)
             if self.step % t.log_every == 0 or self.step == t.steps:

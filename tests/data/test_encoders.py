@@ -83,6 +83,25 @@ def test_pixels_metadata_round_trip():
     assert torch.equal(again.decode(codec.encode(images)), images)
 
 
+def test_pixels_scale_in_the_spec():
+    """`pixels:F:SCALE` (the demo's way to give low-contrast images the std sigma_data expects)."""
+    images = _images()
+    codec = get_codec("pixels:2:3.5")
+    assert (codec.name, codec.factor, codec.scaling_factor) == ("pixels:2", 2, 3.5)
+    z = codec.encode(images)
+    torch.testing.assert_close(z, get_codec("pixels:2").encode(images) * 3.5)
+    assert torch.equal(codec.decode(z), images)
+    again = codec_from_metadata(_json_round_trip(codec.metadata()))
+    assert again.scaling_factor == 3.5 and torch.equal(again.decode(z), images)
+    assert get_codec("pixels:2:3.5", scaling_factor=3.5).scaling_factor == 3.5
+    with pytest.raises(ValueError, match="differs from scaling_factor"):
+        get_codec("pixels:2:3.5", scaling_factor=2.0)
+    with pytest.raises(ValueError, match="SCALE must be a number"):
+        get_codec("pixels:2:x")
+    with pytest.raises(ValueError, match="finite and non-zero"):
+        get_codec("pixels:2:0")
+
+
 def test_codec_accepts_numpy_and_keeps_the_input_device():
     images = _images().numpy()
     z = get_codec("pixels").encode(images)
