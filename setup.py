@@ -140,11 +140,12 @@ def discard_foreign_cache(build_dir: Path, source_dir: Path) -> None:
         shutil.rmtree(build_dir)
 
 
-setup(
-    packages=find_packages(include=["microdit", "microdit.*"]) + ["microdit.kernels", "microdit.configs"],
-    package_dir={"microdit.kernels": "kernels", "microdit.configs": "configs"},
-    package_data={"microdit.configs": ["*.yaml"]},
-    ext_modules=[CMakeExtension("microdit._C")],
-    cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
-)
+if __name__ == "__main__":  # also what setuptools' build backend runs; tests import find_nvcc alone
+    setup(
+        packages=find_packages(include=["microdit", "microdit.*"]) + ["microdit.kernels", "microdit.configs"],
+        package_dir={"microdit.kernels": "kernels", "microdit.configs": "configs"},
+        package_data={"microdit.configs": ["*.yaml"]},
+        ext_modules=[CMakeExtension("microdit._C")],
+        cmdclass={"build_ext": CMakeBuild},
+        zip_safe=False,
+    )

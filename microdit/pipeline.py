@@ -30,6 +30,7 @@ import torch
 from .diffusion import edm
 from .models.checkpoint import CheckpointError
 from .models.microdit import MicroDiT
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -219,17 +220,17 @@ class MicroDiTPipeline:
         shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         self.model.eval()
         batches = [jobs[s:s + batch_size] for s in range(0, len(jobs), batch_size)]
-        bar = _progress(len(batches) * steps, progress)
+        bar = Progress(len(batches) * steps, desc="sampling", unit="step", enabled=progress, leave=False,
+                       fallback_every=None)
         out = []
         for chunk in batches:
             states, _ = self.text_encoder.encode([prompts[i] for i, _ in chunk])  # (B, L, Cy)
             noise = torch.stack([image_noise(seed, i, k, shape) for i, k in chunk]).to(self.device)
             with self._autocast():
                 latents = edm.sample(self.model, noise, states.to(self.device), steps=steps, guidance=guidance,
-                                     callback=(lambda *_: bar.update(1)) if bar else None)
+                                     callback=lambda *_: bar.update(1))
             out.append(self.codec.decode(latents).cpu().numpy())  # (B, H, W, 3)
-        if bar:
-            bar.close()
+        bar.close()
         return np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
 
     def __call__(self, prompts, *, steps: int = 30, guidance: float = 5.0, seed: int = 0, num_per_prompt: int = 1,
@@ -282,15 +283,6 @@ def _is_training_checkpoint(path: Path) -> bool:
     except Exception:  # not a torch file at all: load_reference reports it
         return False
     return isinstance(state, dict) and state.get("format") == FORMAT
-
-
-def _progress(total: int, enabled: bool):
-    from . import availability
-
-    tqdm = availability.tqdm()
-    if not enabled or not tqdm:
-        return None
-    return tqdm.tqdm(total=total, desc="sampling", unit="step", leave=False)
 
 
 # ---------------------------------------------------------------------------------------- CLI

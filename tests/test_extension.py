@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -24,12 +25,8 @@ SHAPES = [(3, 123, 31, 77), (2, 64, 16, 64), (4, 256, 128, 256), (1, 1, 1, 1), (
           (2, 7, 0, 3)]
 
 
-def find_nvcc() -> str | None:
-    """Where setup.py would find nvcc (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)."""
-    found = shutil.which("nvcc")
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    candidates = [found] + [os.path.join(h, "bin", "nvcc") for h in homes if h]
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+# Where setup.py finds nvcc (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): its own function.
+find_nvcc = runpy.run_path(str(ROOT / "setup.py"), run_name="microdit_setup")["find_nvcc"]
 
 
 def ext_cuda_built() -> bool:

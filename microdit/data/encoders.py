@@ -200,9 +200,13 @@ class ImageCodec:
                 "downsample": self.downsample, "scaling_factor": self.scaling_factor,
                 "shift_factor": self.shift_factor}
 
+    weights_attr: str | None = None  # the attribute holding the torch module `to` moves, if any
+
     def to(self, device) -> "ImageCodec":
         """Move the codec's weights (if any) to `device`; returns self."""
         self.device = torch.device(device)
+        if self.weights_attr:
+            getattr(self, self.weights_attr).to(self.device)
         return self
 
     def __repr__(self):
@@ -267,6 +271,7 @@ class AutoencoderKLCodec(ImageCodec):
     """A diffusers AutoencoderKL from a local folder or hub id; latents = (mean - shift) * scale."""
 
     kind = "autoencoder_kl"
+    weights_attr = "vae"
 
     def __init__(self, spec: str, *, subfolder: str | None = None, sample: bool = False,
                  scaling_factor: float | None = None, shift_factor: float | None = None,
@@ -330,11 +335,6 @@ class AutoencoderKLCodec(ImageCodec):
                                      "decode in bfloat16 or float32")
         return x
 
-    def to(self, device) -> "AutoencoderKLCodec":
-        super().to(device)
-        self.vae.to(self.device)
-        return self
-
     def metadata(self) -> dict:
         return {**super().metadata(), "spec": self.spec, "subfolder": self.subfolder,
                 "sample": self.sample, "dtype": _dtype_name(self.dtype), "fingerprint": self.fingerprint}
@@ -370,9 +370,13 @@ class TextEncoder:
         """JSON-able description; `text_encoder_from_metadata` rebuilds the encoder from it."""
         return {"kind": self.kind, "name": self.name, "dim": self.dim, "max_length": self.max_length}
 
+    weights_attr: str | None = "model"  # the attribute holding the torch module `to` moves
+
     def to(self, device) -> "TextEncoder":
         """Move the encoder's weights to `device`; returns self."""
         self.device = torch.device(device)
+        if self.weights_attr and getattr(self, self.weights_attr, None) is not None:
+            getattr(self, self.weights_attr).to(self.device)
         return self
 
     def __repr__(self):
@@ -472,11 +476,6 @@ class HFTextEncoder(TextEncoder):
             pad = self.max_length - ids.shape[1]
             states, mask = F.pad(states, (0, 0, 0, pad)), F.pad(mask, (0, pad), value=False)
         return states, mask
-
-    def to(self, device) -> "HFTextEncoder":
-        super().to(device)
-        self.model.to(self.device)
-        return self
 
     def metadata(self) -> dict:
         return {**super().metadata(), "spec": self.spec, "subfolder": self.subfolder,
@@ -580,11 +579,6 @@ class OpenCLIPTextEncoder(TextEncoder):
             x = tower.transformer(x.permute(1, 0, 2), attn_mask=attn_mask).permute(1, 0, 2)
         states = tower.ln_final(x)  # (N, L, D)
         return states, ids != self.pad_id
-
-    def to(self, device) -> "OpenCLIPTextEncoder":
-        super().to(device)
-        self.model.to(self.device)
-        return self
 
     def metadata(self) -> dict:
         return {**super().metadata(), "spec": self.spec, "dtype": _dtype_name(self.dtype),

@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..progress import Progress
 from . import shards as S
 from .sources import Item, SkipItem, Source, default_min_size, open_source
 
@@ -59,35 +60,6 @@ def _load_task(source: Source, refs: list, resolutions: tuple, min_size: int) ->
         except Exception as e:  # a bug in one item's reader must not lose the rest of the run
             out.append((repr(ref)[:200], f"unexpected error: {type(e).__name__}: {e}"))
     return out
-
-
-class _Progress:
-    """tqdm when installed, else a line on stderr every few seconds."""
-
-    def __init__(self, total: int, initial: int, enabled: bool):
-        from ..availability import tqdm
-
-        self.total, self.n, self.enabled = total, initial, enabled
-        self.t0 = self.last = time.perf_counter()
-        self.start = initial
-        self.bar = None
-        if enabled and tqdm():
-            self.bar = tqdm().tqdm(total=total, initial=initial, unit="img", desc="prepare",
-                                   dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, k: int) -> None:
-        self.n += k
-        if self.bar is not None:
-            self.bar.update(k)
-        elif self.enabled and (time.perf_counter() - self.last > 2.0 or self.n == self.total):
-            self.last = time.perf_counter()
-            rate = (self.n - self.start) / max(self.last - self.t0, 1e-9)
-            print(f"prepare: {self.n}/{self.total} items ({100 * self.n / max(self.total, 1):.0f}%), "
-                  f"{rate:.0f} items/s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 @contextlib.contextmanager
@@ -304,7 +276,7 @@ def prepare(source, out, resolutions: Sequence[int] | None = None, codec="pixels
         resumed = len(metas)
         shas: dict[int, tuple[str, int]] = {}
         items_done = sum(len(ranges[j]) for j in metas)
-        bar = _Progress(len(refs), items_done, progress and bool(todo))
+        bar = Progress(len(refs), desc="prepare", unit="img", initial=items_done, enabled=progress and bool(todo))
         try:
             if todo:
                 results = _results(src, todo, ranges, resolutions, min_size, workers)

@@ -39,11 +39,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .. import files
+from ..files import atomic_path
+
+TMP_MARK = files.TMP_MARK  # in every temporary file's name: what sweeps of leftovers look for
+
 FORMAT = "microdit-latent-shards"
 VERSION = 1
 INDEX = "index.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
-TMP_MARK = ".tmp-"
 
 STORAGE_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 # safetensors dtype -> numpy dtype it is mapped as; BF16 is mapped as raw uint16 (numpy has no bf16).
@@ -60,35 +64,13 @@ class ChecksumError(ShardError):
     """A shard whose bytes do not match the sha256 recorded in index.json."""
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path, chunks) -> str:
     """Write the byte `chunks` to `path` atomically (temp file, fsync, rename); returns their sha256."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                digest.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for chunk in chunks:
+            digest.update(chunk)
+            f.write(chunk)
     return digest.hexdigest()
 
 

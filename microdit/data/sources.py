@@ -209,6 +209,15 @@ class ShapesSource(Source):
         return {"kind": self.name, "num": self.num, "seed": self.seed}
 
 
+def _existing(path, what: str, kind) -> Path:
+    """`path` resolved (the same listing from any working directory); FileNotFoundError naming
+    `what` unless `kind(path)` (Path.is_dir or Path.is_file) holds."""
+    path = Path(path)
+    if not kind(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    return path.resolve()
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -222,10 +231,7 @@ class FolderSource(Source):
     name = "folder"
 
     def __init__(self, root, num: int | None = None):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist")
-        self.root = self.root.resolve()  # the same listing from any working directory
+        self.root = _existing(root, "image folder", Path.is_dir)
         self.num = num
 
     def refs(self) -> list:
@@ -256,10 +262,7 @@ class ManifestSource(Source):
     name = "manifest"
 
     def __init__(self, path, num: int | None = None):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"manifest {self.path} does not exist")
-        self.path = self.path.resolve()  # the same listing from any working directory
+        self.path = _existing(path, "manifest", Path.is_file)
         if self.path.suffix.lower() not in (".jsonl", ".csv"):
             raise ValueError(f"manifest {self.path} must be .jsonl or .csv")
         self.num = num

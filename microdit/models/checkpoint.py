@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_path
 from ..ops.opset import probe_ops
 from .config import MicroDiTConfig
+from .state_dict import WRAPPER_PREFIXES, shape_mismatches, strip_prefixes
 from .microdit import MicroDiT, sincos_pos_table
 from .presets import PRESETS, preset_config
 
@@ -65,10 +67,8 @@ def extract_state_dict(obj, name: str = "checkpoint") -> dict[str, torch.Tensor]
     for key, value in obj.items():
         if not isinstance(key, str):
             continue
-        k = key
-        for prefix in ("module.", "_orig_mod.", "dit.", "model.dit."):
-            if k.startswith(prefix) and _is_dit_key(k[len(prefix):]):
-                k = k[len(prefix):]
+        k = strip_prefixes(key, (*WRAPPER_PREFIXES, "dit.", "model.dit."))
+        k = k if _is_dit_key(k) else key
         if _is_dit_key(k):
             if not isinstance(value, torch.Tensor):
                 raise CheckpointError(f"{name}: {key} is a {type(value).__name__}, not a tensor")
@@ -121,12 +121,19 @@ def _first_mismatch(sd: Mapping[str, torch.Tensor], cfg: MicroDiTConfig) -> str 
     """The first tensor a model of `cfg` lacks or shapes differently, or None when all fit."""
     with torch.device("meta"):  # shapes only: no backend is checked or warmed
         expected = MicroDiT(cfg, ops=probe_ops(cfg.backends)).state_dict()
-    for key, ref in expected.items():
-        if key not in sd:
-            return f"missing tensor {key!r}"
-        if tuple(sd[key].shape) != tuple(ref.shape):
-            return f"tensor {key!r} has shape {tuple(sd[key].shape)}, expected {tuple(ref.shape)}"
-    return None
+    return _first_problem(expected, sd)
+
+
+def _first_problem(expected, sd, *, what: str = "") -> str | None:
+    """The first tensor of `expected` (in its order) that `sd` lacks or shapes differently, as text."""
+    differ, missing, _ = shape_mismatches(expected, sd)
+    bad = set(differ) | set(missing)
+    key = next((k for k in expected if k in bad), None)
+    if key is None:
+        return None
+    if key in missing:
+        return f"missing tensor {key!r}" + (f" (expected shape {tuple(expected[key].shape)})" if what else "")
+    return f"tensor {key!r} has shape {tuple(sd[key].shape)}, expected {tuple(expected[key].shape)}{what}"
 
 
 def _guess_interp_scale(table: torch.Tensor, cfg: MicroDiTConfig) -> float:
@@ -155,12 +162,10 @@ def load_reference(source, config: Mapping | MicroDiTConfig | None = None, *, st
     with torch.device("meta"):
         model = MicroDiT(cfg)
     expected = model.state_dict()
-    for key, ref in expected.items():
-        if key not in sd:
-            raise CheckpointError(f"{name}: missing tensor {key!r} (expected shape {tuple(ref.shape)})")
-        if tuple(sd[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{name}: tensor {key!r} has shape {tuple(sd[key].shape)}, "
-                                  f"expected {tuple(ref.shape)} for this config")
+    problem = _first_problem(expected, sd, what=" for this config")
+    if problem:
+        raise CheckpointError(f"{name}: {problem}")
+    for key in expected:
         if not sd[key].dtype.is_floating_point:  # int, bool or complex weights are not a MicroDiT's
             raise CheckpointError(f"{name}: tensor {key!r} has dtype {sd[key].dtype}, expected a floating-point "
                                   "dtype (float32, float16 or bfloat16)")
@@ -184,14 +189,11 @@ def save_reference(model: MicroDiT, path, *, prefix: str = "") -> Path:
     """Write the model's weights in the published format (torch pickle, or .safetensors), atomically."""
     path = Path(path)
     sd = {prefix + k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file(sd, str(tmp))
-    else:
-        torch.save(sd, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+            save_file(sd, str(tmp))
+        else:
+            torch.save(sd, tmp)
     return path

@@ -15,7 +15,6 @@ a local folder needs nothing but itself.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ def save_pretrained(model: MicroDiT, directory, *, encoders: dict | None = None)
 
     from .. import __version__
     from ..data.shards import atomic_write_json
+    from ..files import atomic_path
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,9 +55,8 @@ def save_pretrained(model: MicroDiT, directory, *, encoders: dict | None = None)
     if encoders:
         doc["encoders"] = encoders
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})  # "pt": what transformers' loaders check for
-    os.replace(tmp, out / WEIGHTS_NAME)
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})  # "pt": what transformers' loaders check for
     atomic_write_json(out / CONFIG_NAME, doc)
     return out
 

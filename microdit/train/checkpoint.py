@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_path
+
 log = logging.getLogger("microdit.train")
 FORMAT = "microdit-train-checkpoint/1"
 _NAME = re.compile(r"step_(\d{8})\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder (train/dcp.py)
@@ -47,28 +49,16 @@ class _Writer:
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = None
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path, path.with_name(f".{path.name}.tmp-{os.getpid()}")) as tmp, open(tmp, "wb") as f:
             writer = _Writer(f, tmp)
             write(writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except Exception as e:
         cause = writer.error if writer is not None and writer.error is not None else e
         if isinstance(cause, OSError):
             raise OSError(cause.errno, f"{cause.strerror or cause}", str(path)) from e
         raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut only once the directory is synced
-    finally:
-        os.close(dir_fd)
 
 
 class CheckpointManager:

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ..models.state_dict import strip_prefixes
 from ..nn.layers import ExpertChoiceMoE
 
 
@@ -24,7 +25,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     dense, expert = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (expert if _strip(name) in experts else dense).append(p)
+            (expert if strip_prefixes(name) in experts else dense).append(p)
     groups = [{"params": dense, "lr_factor": 1.0, "name": "dense"}]
     if expert:
         groups.append({"params": expert, "lr_factor": cfg.moe_lr_factor, "name": "experts"})
@@ -68,8 +69,3 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def _unwrap(model):
     return getattr(model, "module", model)
 
-
-def _strip(name: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        name = name.replace(prefix, "")
-    return name

@@ -25,6 +25,7 @@ from ..diffusion import edm
 from ..models.flops import model_flops
 from ..models.microdit import MicroDiT
 from ..models.presets import preset_config
+from ..models.state_dict import shape_mismatches
 from . import distributed
 from .checkpoint import (FORMAT, CheckpointManager, TrainCheckpointError, UnsafeCheckpointError, load_checkpoint,
                          resolve_checkpoint)
@@ -311,8 +312,8 @@ class Trainer:
         """A checkpoint of another model (say another preset) fails in one message naming the file and
         summarising the differences, instead of one line per mismatched tensor. `saved`: name -> shape."""
         own = {k: tuple(v.shape) for k, v in self.raw.state_dict().items()}
-        differ = [k for k in own if k in saved and own[k] != saved[k]]
-        missing, extra = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+        differ, missing, extra = shape_mismatches(own, saved)
+        missing = sorted(missing)
         if not (differ or missing or extra):
             return
         mine, theirs = self.raw.config.to_dict(), state.get("model_config") or {}
