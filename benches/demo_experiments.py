@@ -38,7 +38,7 @@ def run(name: str, steps: int, overrides: list[str], work: Path, prompts: int, c
 
     from microdit.data.loader import ShardLoader
     from microdit.models.microdit import MicroDiT
-    from microdit.train.cli import data_info_from, prepare_default_data
+    from microdit.train.run import data_info_from, prepare_default_data
     from microdit.train.config import load_config
     from microdit.train.distributed import setup
     from microdit.train.trainer import Trainer
