@@ -234,8 +234,15 @@ class MicroDiT(nn.Module):
         c = t + self.pooled_y_emb_process(y.mean(dim=1))  # (B, D)
         return y, c
 
-    def block_modulations(self, c: torch.Tensor, blocks) -> list[torch.Tensor]:
+    # Whether `forward` applies every block's adaLN and caption K/V maps itself, before the blocks
+    # run (one multi_linear each). FSDP2 turns it off: it gathers a block's parameters only inside
+    # that block's forward, so there each block applies its own (the same maps, one per block).
+    across_blocks: bool = True
+
+    def block_modulations(self, c: torch.Tensor, blocks) -> list[torch.Tensor | None]:
         """Every block's adaLN output (B, 6d) from GELU(c): one multi_linear (one GEMM when fused)."""
+        if not self.across_blocks:
+            return [None] * len(blocks)
         lins = [b.adaLN_modulation[1] for b in blocks]
         g = blocks[0].adaLN_modulation[0](c)  # (B, D): the same GELU-tanh(c) in every block
         return self.ops.multi_linear(g, [l.weight for l in lins], [l.bias for l in lins])
@@ -244,7 +251,7 @@ class MicroDiT(nn.Module):
         """Every block's caption K/V (B, L, 2d) from the same caption states y: one multi_linear.
         None for each block (it projects its own) where its kv_linear is not a plain Linear (FP8)."""
         lins = [b.cross_attn.kv_linear for b in blocks]
-        if not all(type(l) is nn.Linear for l in lins):
+        if not self.across_blocks or not all(type(l) is nn.Linear for l in lins):
             return [None] * len(lins)
         return self.ops.multi_linear(y, [l.weight for l in lins], [l.bias for l in lins])
 

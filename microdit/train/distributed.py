@@ -61,6 +61,7 @@ def wrap(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Modu
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        model.across_blocks = False  # each block's parameters are gathered only inside that block
         for blocks in (getattr(model, "patch_mixer", []), model.blocks):
             for block in blocks:
                 fully_shard(block)

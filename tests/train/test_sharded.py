@@ -32,9 +32,7 @@ def test_fsdp_ema_is_sharded_local_and_identical_to_unsharded():
 def test_dcp_written_on_two_ranks_resumes_on_one(tmp_path):
     out = tmp_path / "two"
     flags = ["train.checkpoint=dcp", "ema.enabled=true"]
-    # DDP here: FSDP2 training is broken on main by the multi_linear model wiring (mixed Tensor and
-    # DTensor in addmm); with FSDP2 this same test passed before that change (max diff 1.8e-8).
-    two = run(out, 4, 4, 8, "train.parallel=ddp", *flags, nproc=2)
+    two = run(out, 4, 4, 8, "train.parallel=fsdp", *flags, nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002.dcp", "step_00000004.dcp"]

@@ -1,5 +1,5 @@
 """Validation during training: fixed-noise EDM loss, identical for the same weights eager or compiled
-and on 1 or 2 ranks, logged to metrics.jsonl; the held-out split of the shards."""
+and on 1 or 2 ranks (FSDP), logged to metrics.jsonl; the held-out split of the shards."""
 import json
 
 import pytest
@@ -25,8 +25,7 @@ def test_validation_identical_on_one_and_two_ranks(tmp_path):
     r = run(one, 2, 8, 8, *VAL)
     assert r.returncode == 0, r.stderr[-3000:]
     # 3 fixed batches over 2 ranks (one rank repeats a batch, as FSDP's collective forwards need).
-    # DDP: FSDP2 training is broken on main by the multi_linear wiring (see tests/train/test_sharded.py).
-    r = run(two, 2, 4, 8, *VAL, nproc=2)
+    r = run(two, 2, 4, 8, *VAL, "train.parallel=fsdp", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = val_log(one), val_log(two)
     assert sorted(a) == sorted(b) == [0, 1, 2]
