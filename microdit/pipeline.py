@@ -78,7 +78,7 @@ class MicroDiTPipeline:
     def __init__(self, model: MicroDiT, text_encoder, codec, *, device=None, dtype=None, name: str = "the model"):
         check_compatible(model.config, text_encoder, codec, name)
         self.device = resolve_device(device)
-        from .data.encoders import _dtype
+        from .data.hub import _dtype
 
         # bf16 where there is a GPU (as the published code samples); float32 on the CPU.
         self.dtype = _dtype(dtype) if dtype is not None else (

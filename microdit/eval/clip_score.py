@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .. import availability
-from ..data.encoders import _from_hub, _local_path
+from ..data.hub import _from_hub, _local_path
 
 
 class CLIPScorer:

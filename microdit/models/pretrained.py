@@ -63,7 +63,7 @@ def save_pretrained(model: MicroDiT, directory, *, encoders: dict | None = None)
 
 def resolve_pretrained(source) -> Path:
     """The local folder of `source`: itself, or the Hugging Face cache's snapshot of a hub id."""
-    from ..data.encoders import _from_hub, _local_path
+    from ..data.hub import _from_hub, _local_path
 
     local = _local_path(str(source), "pretrained MicroDiT")
     if local is not None:
