@@ -482,7 +482,9 @@ class Trainer:
 
             try:
                 encoders = encoders_from(self.data_info, self.device)
-            except (OSError, ImportError) as e:  # e.g. the published VAE offline: not worth ending a run over
+            # e.g. the published VAE offline, or a recorded encoder folder that is no longer one
+            # (ValueError): not worth ending a run over
+            except (OSError, ImportError, ValueError) as e:
                 log.warning("sample grid skipped: cannot load the data's encoders (%s)", e)
                 encoders = None
         if self.dist.is_main and encoders is not None:

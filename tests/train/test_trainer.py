@@ -185,3 +185,29 @@ def test_config_errors(tmp_path):
 def test_dict_overrides_merge():
     cfg = load_config(None, ["model.overrides.dim=96", "model.overrides.depth=3", "model.backends.moe=reference"])
     assert cfg.model.overrides == {"dim": 96, "depth": 3} and cfg.model.backends == {"moe": "reference"}
+
+
+def test_sample_grid_skipped_when_the_data_encoders_cannot_be_rebuilt(tmp_path, monkeypatch, caplog):
+    """A recorded text encoder that no longer loads (here: a folder without config.json, a ValueError)
+    skips the grid with a warning instead of ending the run."""
+    import logging
+
+    from microdit.train import sampling
+    from microdit.train.config import load_config
+    from microdit.train.trainer import Trainer
+    from tests.train.fakes import DATA_INFO, MemoryLoader
+
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    info = {**DATA_INFO, "text_encoder": {"kind": "hf", "path": str(bad)}, "codec": {"kind": "pixels"}}
+
+    def broken(data_info, device):
+        raise ValueError(f"{bad} is not a text encoder folder: it has no config.json")
+
+    monkeypatch.setattr(sampling, "encoders_from", broken)
+    cfg = load_config(None, ["model.preset=MicroDiT_Test_2", f"out={tmp_path / 'run'}", "train.micro_batch=4",
+                             "train.global_batch=4", "train.steps=1"])
+    trainer = Trainer(cfg, MemoryLoader(batch_size=4), info)
+    with caplog.at_level(logging.WARNING, logger="microdit.train"):
+        assert trainer.sample_grid() is None
+    assert "sample grid skipped" in caplog.text and "config.json" in caplog.text
