@@ -8,8 +8,13 @@ import microdit
 from microdit.models.flops import model_flops
 
 
+# The CPU flash-attention kernel is not counted by FlopCounterMode, and the `sdpa` attention
+# backend pins its own kernel order: the models here run the `reference` attention (its matmuls
+# are counted; SDPA's math path inside the context below stays for any other SDPA call).
+ATTN = {"attention": "reference"}
+
+
 def measure(model, x, t, y, mask_ratio, train):
-    # The CPU flash-attention kernel is not counted by FlopCounterMode; the math path is.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         out = model(x, t, y, mask_ratio=mask_ratio)
         if train:
@@ -21,7 +26,7 @@ def measure(model, x, t, y, mask_ratio, train):
                          ids=["mixer", "no-mixer", "mixer-same-width"])
 @pytest.mark.parametrize("mask_ratio", [0.0, 0.5, 0.75])
 def test_matches_flop_counter(overrides, mask_ratio):
-    m = microdit.create_model("MicroDiT_Test_2", backends={"moe": "torch"}, **overrides)
+    m = microdit.create_model("MicroDiT_Test_2", backends={"moe": "torch", **ATTN}, **overrides)
     B, L = 3, 7
     x, t, y = torch.randn(B, 4, 8, 8), torch.randn(B), torch.randn(B, L, 32)
     fc = model_flops(m.config, mask_ratio, caption_len=L)
@@ -30,7 +35,7 @@ def test_matches_flop_counter(overrides, mask_ratio):
 
 
 def test_reference_moe_pays_the_onehot_overhead():
-    m = microdit.create_model("MicroDiT_Test_2", backends={"moe": "reference"})
+    m = microdit.create_model("MicroDiT_Test_2", backends={"moe": "reference", **ATTN})
     x, t, y = torch.randn(2, 4, 8, 8), torch.randn(2), torch.randn(2, 7, 32)
     fc = model_flops(m.config, 0.75, caption_len=7)
     assert measure(m, x, t, y, 0.75, False) == 2 * (fc.forward + fc.moe_onehot_overhead)
