@@ -110,7 +110,7 @@ stage bench "$T_BENCH" "$PY" -m microdit.cli bench --preset "$PRESET" --device "
 stage bench_fp8 "$T_FP8" "$PY" -m microdit.cli bench --preset "$PRESET" --device "$DEV" --phase 1 \
   --modes eager --precision fp8 $FP8_BACKENDS $STEPS --out "$RESULTS/fp8"
 # The report again from the file (also proves `bench report` reads what `bench` wrote).
-stage report "$T_REPORT" bash -c "'$PY' -m microdit.cli bench report \"\$(ls $RESULTS/*.json | grep -v -- -cost.json | head -1)\""
+stage report "$T_REPORT" bash -c "'$PY' -m microdit.cli bench report \"\$(ls $RESULTS/*.json | grep -v -- -cost.json | head -1)\" --out '$RESULTS/report'"
 
 mkdir -p "$RESULTS/kernels"
 cp benches/results/*-cuda.json "$RESULTS/kernels/" 2>/dev/null

@@ -20,6 +20,7 @@ sample grids and `microdit eval` all go through `MicroDiTPipeline.images`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -75,9 +76,13 @@ def check_compatible(config, text_encoder=None, codec=None, model_name: str = "t
 class MicroDiTPipeline:
     """A MicroDiT, its text encoder and its image codec: prompts in, images out."""
 
-    def __init__(self, model: MicroDiT, text_encoder, codec, *, device=None, dtype=None, name: str = "the model"):
+    def __init__(self, model: MicroDiT, text_encoder, codec, *, device=None, dtype=None, name: str = "the model",
+                 sigma_data: float | None = None):
         check_compatible(model.config, text_encoder, codec, name)
         self.device = resolve_device(device)
+        # The EDM data std the model was trained with (a run's diffusion.sigma_data): the sampler's
+        # preconditioning must use the same one. Default: the published 0.9.
+        self.edm = edm.DEFAULT if sigma_data is None else dataclasses.replace(edm.DEFAULT, sigma_data=float(sigma_data))
         from .data.hub import _dtype
 
         # bf16 where there is a GPU (as the published code samples); float32 on the CPU.
@@ -102,7 +107,7 @@ class MicroDiTPipeline:
     def encoders_metadata(self) -> dict:
         """What `from_pretrained` needs to rebuild this pipeline's encoders."""
         return {"text_encoder": self.text_encoder.metadata(), "codec": self.codec.metadata(),
-                "resolution": self.resolution}
+                "resolution": self.resolution, "sigma_data": self.edm.sigma_data}
 
     def save_pretrained(self, directory) -> Path:
         """The model in the Hugging Face layout, with these encoders recorded."""
@@ -147,7 +152,7 @@ class MicroDiTPipeline:
         else:
             spec, subfolder = PUBLISHED_VAES[cfg.in_channels]
             codec = get_codec(spec, subfolder=subfolder, shift_factor=0.0, dtype=enc_dtype)
-        return cls(model, text, codec, device=dev, dtype=dtype, name=name)
+        return cls(model, text, codec, device=dev, dtype=dtype, name=name, sigma_data=recorded.get("sigma_data"))
 
     @classmethod
     def from_run(cls, run, *, ema: bool = False, vae=None, text_encoder=None, device=None,
@@ -203,7 +208,7 @@ class MicroDiTPipeline:
                 else text_encoder_from_metadata(recorded["text_encoder"]))
         check_compatible(model.config, text_encoder=text, model_name=name)
         codec = get_codec(vae, dtype=enc_dtype) if vae is not None else codec_from_metadata(recorded["codec"])
-        return cls(model, text, codec, device=dev, dtype=dtype, name=name)
+        return cls(model, text, codec, device=dev, dtype=dtype, name=name, sigma_data=recorded.get("sigma_data"))
 
     # --------------------------------------------------------------------------- sampling
 
@@ -228,7 +233,7 @@ class MicroDiTPipeline:
             noise = torch.stack([image_noise(seed, i, k, shape) for i, k in chunk]).to(self.device)
             with self._autocast():
                 latents = edm.sample(self.model, noise, states.to(self.device), steps=steps, guidance=guidance,
-                                     callback=lambda *_: bar.update(1))
+                                     config=self.edm, callback=lambda *_: bar.update(1))
             out.append(self.codec.decode(latents).cpu().numpy())  # (B, H, W, 3)
         bar.close()
         return np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
@@ -296,7 +301,7 @@ def export(run, to, *, ema: bool = False, format: str = "pretrained") -> Path:
     if format not in {"pretrained", "published"}:
         raise ValueError(f"export format {format!r}: use 'pretrained' or 'published'")
     model, data_info = load_for_sampling(run, ema, "cpu")
-    encoders = {k: data_info[k] for k in ("text_encoder", "codec", "resolution") if k in data_info}
+    encoders = {k: data_info[k] for k in ("text_encoder", "codec", "resolution", "sigma_data") if k in data_info}
     out = Path(to)
     if format == "pretrained":
         return model.save_pretrained(out, encoders=encoders)

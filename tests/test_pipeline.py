@@ -254,7 +254,8 @@ def demo_run(tmp_path_factory):
                         "--out", str(root / "run"), "--steps", "2", "data.resolution=16", "ema.enabled=true",
                         "ema.start_step=0", "model.preset=MicroDiT_Test_2", "train.global_batch=8",
                         "train.micro_batch=8", "train.tensorboard=false", "train.sample_steps=1",
-                        "train.precision=fp32"], env=ENV, capture_output=True, text=True, timeout=600)
+                        "train.precision=fp32", "diffusion.sigma_data=0.5"],
+                       env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return root / "run"
 
@@ -271,8 +272,18 @@ def test_export_a_demo_run_then_generate_from_the_export(demo_run, tmp_path):
     assert sorted(p.name for p in (tmp_path / "pub").iterdir()) == ["microdit.json", "model.pt"]
     ckpt = resolve_checkpoint(demo_run)  # a training checkpoint file: told apart from a published .pt
     assert np.array_equal(MicroDiTPipeline.load(ckpt, ema=True, device="cpu").images(prompts, **kw), expected)
+    # The run trained with diffusion.sigma_data 0.5: sampling preconditions with it, by hand the same
+    run_pipe = MicroDiTPipeline.from_run(demo_run, ema=True, device="cpu")
+    assert run_pipe.edm.sigma_data == 0.5
+    states, _ = run_pipe.text_encoder.encode(prompts)
+    noise = torch.stack([image_noise(3, i, 0, (3, 16, 16)) for i in range(2)])
+    for sd, same in ((0.5, True), (0.9, False)):
+        lat = edm.sample(run_pipe.model, noise, states, steps=2, guidance=3.0,
+                         config=edm.EDMConfig(sigma_data=sd))
+        assert np.array_equal(run_pipe.codec.decode(lat).numpy(), expected) == same, sd
     for source in (tmp_path / "pre", tmp_path / "pub" / "model.pt"):
         pipe = MicroDiTPipeline.load(source, device="cpu")
+        assert pipe.edm.sigma_data == 0.5, source
         assert pipe.text_encoder.name == "minilm" and pipe.codec.name == "pixels"
         assert np.array_equal(pipe.images(prompts, **kw), expected), source
     # raw weights by default; they are the run's model weights, not its EMA

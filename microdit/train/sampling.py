@@ -31,7 +31,10 @@ def load_for_sampling(checkpoint, use_ema: bool, device):
     model = MicroDiT(MicroDiTConfig.from_dict(state["model_config"]))
     model.load_state_dict(weights)
     log.info("loaded %s (step %d%s)", path, state["step"], ", EMA weights" if use_ema else "")
-    return model.to(device).eval(), state["data_info"]
+    # The run's EDM data std travels with its data info: sampling must precondition as training did.
+    sigma_data = state.get("config", {}).get("diffusion", {}).get("sigma_data")
+    info = dict(state["data_info"], **({} if sigma_data is None else {"sigma_data": sigma_data}))
+    return model.to(device).eval(), info
 
 
 def generate_distributed(pipe, prompts, info, *, num_per_prompt: int = 1, **kw):
@@ -85,7 +88,8 @@ def generate(model, prompts: list[str], data_info: dict, *, num_per_prompt: int 
 
     device = next(model.parameters()).device
     text_encoder, codec = encoders or encoders_from(data_info, device)
-    pipe = MicroDiTPipeline(model, text_encoder, codec, device=device, dtype=torch.float32)
+    pipe = MicroDiTPipeline(model, text_encoder, codec, device=device, dtype=torch.float32,
+                            sigma_data=data_info.get("sigma_data"))
     return pipe.images(prompts, steps=steps, guidance=guidance, seed=seed, num_per_prompt=num_per_prompt,
                        batch_size=batch_size, jobs=jobs)
 

@@ -471,6 +471,10 @@ class Trainer:
         model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
         return model.eval()
 
+    def sampling_info(self) -> dict:
+        """The data info with this run's EDM data std, as sampling needs it (and load_for_sampling gives)."""
+        return dict(self.data_info, sigma_data=self.cfg.diffusion.sigma_data)
+
     def sample_grid(self) -> Path | None:
         """A grid for the fixed prompts with the current (EMA, if any) weights; needs the data's encoders."""
         if "text_encoder" not in self.data_info or "codec" not in self.data_info or not self.cfg.train.sample_prompts:
@@ -488,7 +492,7 @@ class Trainer:
                 log.warning("sample grid skipped: cannot load the data's encoders (%s)", e)
                 encoders = None
         if self.dist.is_main and encoders is not None:
-            images = generate(model, self.cfg.train.sample_prompts, self.data_info,
+            images = generate(model, self.cfg.train.sample_prompts, self.sampling_info(),
                               steps=self.cfg.train.sample_steps, guidance=self.cfg.train.sample_guidance,
                               seed=self.cfg.train.seed, encoders=encoders)
             path = self.out / "samples" / f"step_{self.step:08d}.png"

@@ -131,7 +131,7 @@ class Validator:
                 self._inception = InceptionFeatures(c.inception, device=trainer.device)
                 self._ref = Statistics.of(self._inception(self._real))
                 self._clip = CLIPScorer(c.clip_model, device=trainer.device) if c.clip_model else None
-            fake = generate(model, self._captions, trainer.data_info, steps=c.fid_steps, guidance=c.fid_guidance,
+            fake = generate(model, self._captions, trainer.sampling_info(), steps=c.fid_steps, guidance=c.fid_guidance,
                             seed=c.seed, encoders=(text_encoder, codec))
             out["eval/fid_k"] = fid(Statistics.of(self._inception(fake)), self._ref)
             if self._clip is not None:

