@@ -209,7 +209,10 @@ def test_signal_saves_and_resume_is_bit_identical(tmp_path, signum):
     assert f"interrupted by {signal.Signals(signum).name} at step" in err and "continue with --resume" in err
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     saved = load_checkpoint(CheckpointManager(out / "checkpoints").list()[-1])
-    assert saved["step"] == steps[-1] >= stop_at and steps[-1] <= stop_at + 1, (stop_at, steps)
+    # Saved at the step it stopped after (the last one logged), having stopped early. How many steps
+    # the child takes between the parent seeing step stop_at and the signal's delivery is a matter
+    # of scheduling (two or three on a loaded 2-core machine), so it is not bounded here.
+    assert saved["step"] == steps[-1] >= stop_at and steps[-1] < 10, (stop_at, steps)
     if signum == signal.SIGINT:
         return  # the same path as SIGTERM from here on; resumed once, below, to keep the suite fast
     ref = run(tmp_path / "ref", 10)
