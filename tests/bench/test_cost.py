@@ -1,9 +1,13 @@
 """The cost arithmetic of `microdit bench`: GPU-hours, the paper's schedule, schedules from files."""
+from pathlib import Path
+
 import pytest
 
 from microdit.bench import cost
 from microdit.models.flops import model_flops
 from microdit.models.presets import preset_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the shipped configs in the checkout
 
 
 def test_gpu_hours_arithmetic():
@@ -46,12 +50,12 @@ def test_cost_report_at_paper_rates_matches_the_paper():
 def test_schedule_from_strings_and_training_configs():
     assert cost.parse_schedule(["1:1000x256", " 3 : 20x64 "]) == {1: (1000, 256), 3: (20, 64)}
     # The shipped phase configs map back onto their phases (resolution / 8 and mask ratio).
-    assert cost.parse_schedule(["microdit/configs/phase3.yaml"]) == {3: (50_000, 2048)}
-    assert cost.parse_schedule(["microdit/configs/phase2.yaml"]) == {2: (30_000, 2048)}
+    assert cost.parse_schedule([str(CONFIGS / "phase3.yaml")]) == {3: (50_000, 2048)}
+    assert cost.parse_schedule([str(CONFIGS / "phase2.yaml")]) == {2: (30_000, 2048)}
     with pytest.raises(ValueError, match="PHASE:STEPSxBATCH"):
         cost.parse_schedule(["5:10x10"])
     with pytest.raises(ValueError, match="demo.yaml"):
-        cost.parse_schedule(["microdit/configs/demo.yaml"])  # 32 px: none of the phases
+        cost.parse_schedule([str(CONFIGS / "demo.yaml")])  # 32 px: none of the phases
     rep = cost.cost_report({1: {"fast": 100.0}}, schedule={1: (1000, 360)})
     assert rep["phases"]["1"]["fast_gpu_hours"] == pytest.approx(1.0)
     assert list(rep["phases"]) == ["1"]
