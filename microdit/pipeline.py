@@ -119,8 +119,8 @@ class MicroDiTPipeline:
     def from_published(cls, checkpoint, *, vae=None, text_encoder=None, device=None, dtype=None,
                        config=None, backends=None) -> "MicroDiTPipeline":
         """A published-format checkpoint (.pt / .safetensors) with its encoders (see module doc)."""
-        from .data.encoders import (codec_from_metadata, get_codec, get_text_encoder,
-                                    text_encoder_from_metadata)
+        from .data.codecs import codec_from_metadata, get_codec
+        from .data.text_encoders import get_text_encoder, text_encoder_from_metadata
         from .models.checkpoint import load_reference
 
         recorded = _recorded_encoders(checkpoint)
@@ -194,8 +194,8 @@ class MicroDiTPipeline:
 
     @classmethod
     def _with_recorded(cls, model, recorded: dict, vae, text_encoder, device, dtype, name):
-        from .data.encoders import (codec_from_metadata, get_codec, get_text_encoder,
-                                    text_encoder_from_metadata)
+        from .data.codecs import codec_from_metadata, get_codec
+        from .data.text_encoders import get_text_encoder, text_encoder_from_metadata
 
         dev = resolve_device(device)
         enc_dtype = _encoder_dtype(dev, dtype)

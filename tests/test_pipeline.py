@@ -186,7 +186,7 @@ def test_mismatched_encoders_fail_before_sampling_naming_both_sides(parts, tmp_p
 
 def test_published_defaults_follow_the_tensors(monkeypatch, parts):
     """4 channels -> the SDXL VAE, 1024-wide captions -> DFN5B CLIP (recorded specs, not downloaded here)."""
-    from microdit.data import encoders
+    from microdit.data import codecs, text_encoders
 
     asked = []
 
@@ -198,8 +198,8 @@ def test_published_defaults_follow_the_tensors(monkeypatch, parts):
         asked.append(("text", spec, kw.get("max_length")))
         return type("Text", (), {"dim": 1024, "name": spec})()
 
-    monkeypatch.setattr(encoders, "get_codec", fake_codec)
-    monkeypatch.setattr(encoders, "get_text_encoder", fake_text)
+    monkeypatch.setattr(codecs, "get_codec", fake_codec)
+    monkeypatch.setattr(text_encoders, "get_text_encoder", fake_text)
     tmp = parts["root"] / "xl_like.pt"
     save_reference(create_model("MicroDiT_Test_2", in_channels=4, caption_channels=1024, input_size=8), tmp)
     with pytest.raises(OSError, match="offline"):
@@ -244,7 +244,7 @@ def test_from_pretrained_errors_name_the_source(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """Two steps of the demo config (tiny model, 16 px shapes, MiniLM captions), EMA on."""
-    from microdit.data.encoders import get_text_encoder
+    from microdit.data.text_encoders import get_text_encoder
     from microdit.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("demo")

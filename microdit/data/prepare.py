@@ -282,7 +282,8 @@ def prepare(source, out, resolutions: Sequence[int] | None = None, codec="pixels
                 results = _results(src, todo, ranges, resolutions, min_size, workers)
                 # Started before the encoders load, so forked workers carry no model.
                 first = next(results)
-                from .encoders import get_codec, get_text_encoder
+                from .codecs import get_codec
+                from .text_encoders import get_text_encoder
 
                 cod = get_codec(codec) if isinstance(codec, str) else codec
                 te = get_text_encoder(text_encoder) if isinstance(text_encoder, str) else text_encoder

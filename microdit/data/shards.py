@@ -454,12 +454,12 @@ class ShardDataset:
 
     def codec(self):
         """The image codec these latents were made with (to decode them), from the recorded metadata."""
-        from .encoders import codec_from_metadata
+        from .codecs import codec_from_metadata
 
         return codec_from_metadata(self.metadata["codec"])
 
     def text_encoder(self):
         """The text encoder these caption states were made with, from the recorded metadata."""
-        from .encoders import text_encoder_from_metadata
+        from .text_encoders import text_encoder_from_metadata
 
         return text_encoder_from_metadata(self.metadata["text_encoder"])

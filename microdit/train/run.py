@@ -36,7 +36,7 @@ def data_info_from(dataset) -> dict:
 
 def prepare_default_data(cfg, info) -> Path:
     """The config's source prepared into OUT/data on first use (rank 0 writes; others wait)."""
-    from ..data.encoders import get_text_encoder
+    from ..data.text_encoders import get_text_encoder
     from ..data.prepare import prepare
     from . import distributed
 

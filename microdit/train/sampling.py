@@ -70,7 +70,8 @@ def save_images(images: np.ndarray, out, num_per_prompt: int) -> Path:
 
 def encoders_from(data_info: dict, device):
     """The text encoder and image codec that made the training data (from its metadata)."""
-    from ..data.encoders import codec_from_metadata, text_encoder_from_metadata
+    from ..data.codecs import codec_from_metadata
+    from ..data.text_encoders import text_encoder_from_metadata
 
     return (text_encoder_from_metadata(data_info["text_encoder"]).to(device),
             codec_from_metadata(data_info["codec"]).to(device))

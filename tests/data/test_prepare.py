@@ -37,7 +37,7 @@ def _shard_files(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def minilm():
-    from microdit.data.encoders import get_text_encoder
+    from microdit.data.text_encoders import get_text_encoder
 
     return get_text_encoder("minilm")
 

@@ -27,7 +27,7 @@ def cli(*args, nproc=1, timeout=600):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from microdit.data.encoders import get_text_encoder
+    from microdit.data.text_encoders import get_text_encoder
     from microdit.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("shards")

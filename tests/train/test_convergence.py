@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from microdit.data.encoders import PixelCodec
+from microdit.data.codecs import PixelCodec
 from microdit.data.shapes import ShapesDataset
 from microdit.diffusion import edm
 from microdit.train.config import load_config

@@ -4,7 +4,7 @@ import logging
 import numpy as np
 import torch
 
-from microdit.data.encoders import get_codec
+from microdit.data.codecs import get_codec
 from microdit.data.shapes import ShapesDataset
 from microdit.train.config import load_config
 from microdit.train.trainer import check_data_scale
