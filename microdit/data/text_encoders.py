@@ -5,7 +5,7 @@ max_length), True on real tokens, one interface:
 - a Hugging Face folder or hub id (`hf:` prefix optional): CLIP text (`CLIPTextModel`), T5
   encoder (`T5EncoderModel`) or BERT-like (`AutoModel`), chosen by the config's `model_type`.
 - `openclip:MODEL/PRETRAINED` or `openclip:hf-hub:ORG/REPO`: an OpenCLIP text tower (the paper's
-  DFN5B CLIP ViT-H/14), states after its final LayerNorm.
+  DFN5B CLIP ViT-H/14), states after its final LayerNorm, from open_clip's `forward_intermediates`.
 
 Causal CLIP-style encoders (HF CLIP, OpenCLIP) run on the full padded length without a padding
 mask, as the published MicroDiT code and diffusers pipelines do, so every position holds the
@@ -262,6 +262,10 @@ class OpenCLIPTextEncoder(TextEncoder):
         if missing or getattr(tower, "cls_emb", None) is not None:
             raise NotImplementedError(f"text encoder {self.spec!r}: its text tower ({type(tower).__name__}) is "
                                       "not a CLIP-style transformer with a final LayerNorm")
+        if not (hasattr(model, "forward_intermediates") and hasattr(tower, "forward_intermediates")):
+            raise ImportError(f"text encoder {self.spec!r}: this open_clip "
+                              f"({getattr(oc, '__version__', 'unknown version')}) has no forward_intermediates, "
+                              "which gives the token states; upgrade open-clip-torch (3.x has it)")
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.tower = tower
         self.tokenizer = oc.get_tokenizer(model_name)
@@ -272,25 +276,24 @@ class OpenCLIPTextEncoder(TextEncoder):
         self.max_length = max_length
         self.dim = int(tower.positional_embedding.shape[1])
         self.pad_id = int(getattr(tower, "pad_id", 0) or 0)
+        self.context = context
+        # The CLIP class adds its whole positional embedding, and a causal tower's mask is built for
+        # the whole context: those run on it, captions padded (so a bidirectional CLIP-class tower,
+        # CLIPA's, sees its whole padded context, as in its own encode_text). A bidirectional
+        # TextTransformer (no mask) slices its positional embedding and runs on max_length tokens.
+        self.full_context = tower is model or getattr(tower, "attn_mask", None) is not None
         self.name = self.spec
         self.fingerprint = _fingerprint(tower)
 
     def _encode(self, captions):
+        # Tokenized at max_length: a longer caption is cut there, ending in its end-of-text token.
         ids = self.tokenizer(captions, context_length=self.max_length).to(self.device)  # (N, L)
-        tower, L = self.tower, ids.shape[1]
-        if hasattr(tower, "_embeds"):  # a TextTransformer: its own embedding and mask building
-            x, attn_mask = tower._embeds(ids)  # (N, L, D)
-        else:  # the CLIP class holds the text tower's parts itself
-            cast = tower.transformer.get_cast_dtype()
-            x = tower.token_embedding(ids).to(cast) + tower.positional_embedding[:L].to(cast)  # (N, L, D)
-            attn_mask = tower.attn_mask
-        if attn_mask is not None and attn_mask.ndim == 2:  # the causal mask is built for the full context
-            attn_mask = attn_mask[:L, :L]
-        if hasattr(tower.transformer, "batch_first"):  # open_clip >= 2.21 takes (N, L, D) either way
-            x = tower.transformer(x, attn_mask=attn_mask)
-        else:  # older open_clip: (L, N, D)
-            x = tower.transformer(x.permute(1, 0, 2), attn_mask=attn_mask).permute(1, 0, 2)
-        states = tower.ln_final(x)  # (N, L, D)
+        L = ids.shape[1]
+        # Padding after the caption changes none of its L states in a causal tower.
+        text = F.pad(ids, (0, self.context - L), value=self.pad_id) if self.full_context else ids
+        out = self.model.forward_intermediates(text=text, text_indices=1, normalize_intermediates=True,
+                                               intermediates_only=True)
+        states = out["text_intermediates"][-1][:, :L]  # (N, L, D): the last block's output after ln_final
         return states, ids != self.pad_id
 
     def metadata(self) -> dict:

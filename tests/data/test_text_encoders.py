@@ -231,34 +231,68 @@ def test_openclip_spec_parsing():
         T._parse_openclip("openclip:ViT-H-14")
 
 
-class _FakeTransformer(torch.nn.Module):
-    """Stands in for open_clip's Transformer: batch-first, takes an additive attention mask."""
-
-    batch_first = True
-
-    def __init__(self, width):
-        super().__init__()
-        self.layer = torch.nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, batch_first=True)
-
-    def get_cast_dtype(self):
-        return self.layer.linear1.weight.dtype
-
-    def forward(self, x, attn_mask=None):
-        return self.layer(x, src_mask=attn_mask)
+def _blocks(x, blocks, attn_mask, ln_final, indices, normalize_intermediates):
+    """open_clip's Transformer.forward_intermediates: the outputs of the last `indices` blocks (all: None)."""
+    take = range(len(blocks))[-indices:] if isinstance(indices, int) else range(len(blocks))
+    out = []
+    for i, block in enumerate(blocks):
+        x = block(x, src_mask=attn_mask)
+        if i in take:
+            out.append(ln_final(x) if normalize_intermediates else x)
+    return x, out
 
 
-class _FakeCLIP(torch.nn.Module):
-    """The parts of open_clip's CLIP class that the text path uses, tiny."""
+class _FakeTextTower(torch.nn.Module):
+    """open_clip's TextTransformer, tiny, through its public forward_intermediates: it slices its
+    positional embedding to the text but not its causal mask (None: a bidirectional tower)."""
 
-    def __init__(self, vocab=64, context=77, width=16):
+    def __init__(self, vocab=64, context=77, width=16, causal=True):
         super().__init__()
         torch.manual_seed(0)
-        self.visual = torch.nn.Linear(4, 4)
         self.token_embedding = torch.nn.Embedding(vocab, width)
         self.positional_embedding = torch.nn.Parameter(torch.randn(context, width) * 0.1)
-        self.transformer = _FakeTransformer(width)
+        self.transformer = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, batch_first=True) for _ in range(2))
         self.ln_final = torch.nn.LayerNorm(width)
-        self.register_buffer("attn_mask", torch.full((context, context), float("-inf")).triu(1))
+        self.attn_mask = torch.full((context, context), float("-inf")).triu(1) if causal else None
+        self.lengths = []  # the text lengths it ran on
+
+    def _embed(self, text):
+        return self.token_embedding(text) + self.positional_embedding[:text.shape[1]]
+
+    def forward_intermediates(self, text, indices=None, normalize_intermediates=False, intermediates_only=False,
+                              **_):
+        self.lengths.append(text.shape[1])
+        x, out = _blocks(self._embed(text), self.transformer, self.attn_mask, self.ln_final, indices,
+                         normalize_intermediates)
+        return {"text_intermediates": out, **({} if intermediates_only else {"text_features": x[:, -1]})}
+
+
+class _FakeCLIP(_FakeTextTower):
+    """open_clip's CLIP class: the text tower's parts are its own, and it adds its whole positional
+    embedding (so it runs only on its full context), with an image tower beside."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.visual = torch.nn.Linear(4, 4)
+
+    def _embed(self, text):
+        return self.token_embedding(text) + self.positional_embedding
+
+    def forward_intermediates(self, image=None, text=None, text_indices=None, **kw):
+        return super().forward_intermediates(text, indices=text_indices, **kw)
+
+
+class _FakeCustomTextCLIP(torch.nn.Module):
+    """open_clip's CustomTextCLIP: a separate text tower that forward_intermediates hands the text to."""
+
+    def __init__(self, causal=True):
+        super().__init__()
+        self.visual = torch.nn.Linear(4, 4)
+        self.text = _FakeTextTower(causal=causal)
+
+    def forward_intermediates(self, image=None, text=None, text_indices=None, **kw):
+        return self.text.forward_intermediates(text, indices=text_indices, **kw)
 
 
 def _fake_tokenizer(texts, context_length=77):
@@ -296,6 +330,61 @@ def test_openclip_text_states_with_a_stand_in_module(monkeypatch):
         get_text_encoder("openclip:ViT-H-14-378-quickgelu/dfn5b", max_length=78)
 
 
+def _fake_open_clip(monkeypatch, model):
+    fake = types.SimpleNamespace(create_model=lambda name, pretrained=None, device="cpu": model,
+                                 get_tokenizer=lambda name: _fake_tokenizer)
+    monkeypatch.setattr(availability, "open_clip", lambda: fake)
+
+
+def test_openclip_states_are_the_last_block_after_ln_final(monkeypatch):
+    """Through forward_intermediates, as the towers compute them; causal towers run on their whole
+    context (the CLIP class's positional embedding and a causal mask cover only that), a
+    bidirectional one on max_length tokens as before."""
+    captions = ["a red circle", "a red circle at the top"]
+    clip = _FakeCLIP()
+    _fake_open_clip(monkeypatch, clip)
+    enc = get_text_encoder("openclip:x/y", max_length=16)
+    states, mask = enc.encode(captions)
+    assert clip.lengths == [77]
+    ids = _fake_tokenizer(captions, context_length=16)
+    with torch.no_grad():
+        x = clip.token_embedding(torch.nn.functional.pad(ids, (0, 61))) + clip.positional_embedding
+        for block in clip.transformer:
+            x = block(x, src_mask=clip.attn_mask)
+        torch.testing.assert_close(states, clip.ln_final(x)[:, :16])
+    assert torch.equal(mask, ids != 0)
+    for causal, length in ((True, 77), (False, 16)):
+        custom = _FakeCustomTextCLIP(causal=causal)
+        _fake_open_clip(monkeypatch, custom)
+        enc = get_text_encoder("openclip:x/y", max_length=16)
+        assert enc.tower is custom.text and enc.model.visual is None
+        states, _ = enc.encode(captions)
+        assert custom.text.lengths == [length]
+        text = torch.nn.functional.pad(ids, (0, length - 16))
+        with torch.no_grad():
+            ref = custom.text.forward_intermediates(text, normalize_intermediates=True)["text_intermediates"][-1]
+        torch.testing.assert_close(states, ref[:, :16])
+
+
+def test_openclip_towers_it_cannot_read_are_refused(monkeypatch):
+    coca_like = _FakeCustomTextCLIP()
+    coca_like.text.cls_emb = torch.nn.Parameter(torch.zeros(16))
+    _fake_open_clip(monkeypatch, coca_like)
+    with pytest.raises(NotImplementedError, match="not a CLIP-style transformer"):
+        get_text_encoder("openclip:x/y")
+
+    class Old(torch.nn.Module):  # the CLIP class of an open_clip from before forward_intermediates
+        def __init__(self):
+            super().__init__()
+            parts = _FakeTextTower()
+            self.token_embedding, self.positional_embedding = parts.token_embedding, parts.positional_embedding
+            self.transformer, self.ln_final = parts.transformer, parts.ln_final
+
+    _fake_open_clip(monkeypatch, Old())
+    with pytest.raises(ImportError, match="no forward_intermediates.*upgrade open-clip-torch"):
+        get_text_encoder("openclip:x/y")
+
+
 @pytest.mark.skipif(not availability.open_clip(), reason=f"open_clip not installed ({availability.open_clip()!r})")
 def test_openclip_tiny_real_model(monkeypatch):
     oc = availability.open_clip()
@@ -317,3 +406,37 @@ def test_openclip_tiny_real_model(monkeypatch):
         ref = model.encode_text(ids)
     pooled = states[torch.arange(3), ids.argmax(-1)] @ model.text_projection
     torch.testing.assert_close(pooled, ref, rtol=1e-4, atol=1e-5)
+
+
+_TINY_VISION = {"layers": 1, "width": 16, "patch_size": 16, "image_size": 32, "head_width": 8}
+_TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 2}
+
+
+@pytest.mark.skipif(not availability.open_clip(), reason=f"open_clip not installed ({availability.open_clip()!r})")
+@pytest.mark.parametrize("tower,max_length", [("clip", 77), ("clip", 16), ("clip_bidirectional", 16), ("custom", 77),
+                                              ("custom", 16), ("bidirectional", 16)])
+def test_openclip_states_equal_open_clip_public_outputs(monkeypatch, tower, max_length):
+    """Tiny real models built here, no hub: our states against open_clip's own per-token outputs
+    (the CLIP class: encode_text without pooling or projection; TextTransformer towers: their
+    `output_tokens` forward)."""
+    oc = availability.open_clip()
+    torch.manual_seed(0)
+    if tower.startswith("clip"):  # the CLIP class (DFN5B's kind; CLIPA's, bidirectional)
+        model = oc.CLIP(embed_dim=8, vision_cfg=_TINY_VISION, text_cfg={
+            **_TINY_TEXT, "pool_type": "none", "proj_type": "none", "no_causal_mask": tower == "clip_bidirectional"})
+    else:
+        model = oc.CustomTextCLIP(embed_dim=8, vision_cfg=_TINY_VISION, text_cfg={
+            **_TINY_TEXT, "output_tokens": True, "no_causal_mask": tower == "bidirectional"})
+    monkeypatch.setattr(oc, "create_model", lambda name, pretrained=None, device="cpu", **kw: model)
+    enc = get_text_encoder("openclip:ViT-B-32/tiny", max_length=max_length)
+    states, mask = enc.encode(CAPTIONS)
+    _check_states(states, mask, 3, max_length, 16)
+    ids = oc.get_tokenizer("ViT-B-32")(CAPTIONS, context_length=max_length)
+    assert torch.equal(mask, ids != 0)
+    with torch.no_grad():
+        if tower.startswith("clip"):  # its positional embedding covers the whole context: pad, keep the caption's
+            ref = model.encode_text(torch.nn.functional.pad(ids, (0, 77 - max_length)))[:, :max_length]
+        else:
+            ref = model.text(ids if tower == "bidirectional" else torch.nn.functional.pad(ids, (0, 77 - max_length)))[1]
+            ref = ref[:, :max_length]
+    torch.testing.assert_close(states, ref, rtol=1e-5, atol=1e-6)
