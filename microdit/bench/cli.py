@@ -38,7 +38,8 @@ def cmd_bench(args) -> int:
     results = report.run(spec, phases, args.backends, args.modes, args.precision or None,
                          check_trainer=args.check_trainer,
                          progress=lambda m: print(f"[{report.stamp()}] {m}", file=sys.stderr, flush=True),
-                         out=args.out, schedule=schedule, price=args.price, compiled_phases=args.compiled_phases)
+                         out=args.out, schedule=schedule, price=args.price, compiled_phases=args.compiled_phases,
+                         note=args.note)
     files = report.write(results, args.out, schedule, args.price)
     print(report.table_markdown(results))
     print(cost_mod.report_markdown(results["cost"], results["meta"]))
@@ -84,6 +85,7 @@ def add_parser(sub) -> None:
     p.add_argument("--price", type=float, default=cost_mod.PAPER_PRICE, help="$ per GPU-hour (default 3.75)")
     p.add_argument("--schedule", action="append",
                    help="PHASE:STEPSxBATCH or a training-config .yaml (repeat); default the paper's schedule")
+    p.add_argument("--note", help="a sentence on how the run was made (pinning, machine load), kept in the results")
     p.add_argument("--out", default="benches/results", help="where the JSON, markdown and PNG go")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training-config overrides")
     p.set_defaults(fn=cmd_bench)

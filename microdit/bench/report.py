@@ -31,7 +31,8 @@ def headline(rows: list[dict], precision: str) -> dict:
 
 
 def run(spec: StepSpec, phases=(1,), backends=BACKENDS, modes=MODES, precisions=None, check_trainer=False,
-        progress=None, out=None, schedule=None, price: float = cost_mod.PAPER_PRICE, compiled_phases=None) -> dict:
+        progress=None, out=None, schedule=None, price: float = cost_mod.PAPER_PRICE, compiled_phases=None,
+        note: str | None = None) -> dict:
     """`run_matrix` for each phase (or once for a custom latent size / mask ratio), into one
     results dict. Eager configurations of every phase come first, compiled ones after (only in
     `compiled_phases` when given); with `out`, the files are rewritten after each phase, so a
@@ -45,7 +46,7 @@ def run(spec: StepSpec, phases=(1,), backends=BACKENDS, modes=MODES, precisions=
                "preset": spec.preset, "meta": timing.metadata(device), "peaks": measure_peaks(device),
                "phases": {}, "runs": {},
                "note": "CPU timings on a shared machine are noisy (see meta.load); step times are wall "
-                       "clock around a synchronised trainer step."}
+                       "clock around a synchronised trainer step." + (f" {note}" if note else "")}
     for mode in modes:
         for s in specs:
             key = str(s.phase) if s.phase is not None else f"custom-{s.latent_size}-{s.mask_ratio}"
@@ -93,21 +94,24 @@ def _fmt(v, spec):
 def table_markdown(results: dict) -> str:
     """Every configuration side by side, then where each step's time goes."""
     head = ("| phase | backends | mode | precision | img/s | step ms median [p25, p75] | model TFLOP/s | "
-            "MFU measured | MFU datasheet | peak GiB | vs reference eager |")
-    lines = [head, "|" + "---|" * 11]
+            "MFU measured | MFU datasheet | peak GiB | vs reference eager | vs reference same mode | "
+            "first step s (compile) |")
+    lines = [head, "|" + "---|" * 13]
     cats = ["| phase | config | step ms (profiled) | " + " | ".join(CATEGORIES) + " |",
             "|" + "---|" * (3 + len(CATEGORIES))]
     for key, run_ in results["runs"].items():
         for r in run_["configs"]:
             cfg = f"| {key} | {r['backends']} | {r['mode']} | {r['precision']} |"
             if r["status"] != "ok":
-                lines.append(f"{cfg} {r['status']}: {r['reason']} |||||||")
+                lines.append(f"{cfg} {r['status']}: {r['reason']} |||||||||")
                 continue
             lines.append(
                 f"{cfg} {r['images_per_s']:.2f} | {r['step_ms_median']:.1f} [{r['step_ms_p25']:.1f}, "
                 f"{r['step_ms_p75']:.1f}] | {r['model_tflops']:.3g} | {_fmt(r['mfu'], '{:.1%}')} | "
                 f"{_fmt(r['mfu_datasheet'], '{:.1%}')} | {r['peak_mem_gib']:.2f} | "
-                f"{_fmt(r.get('speedup_vs_reference_eager'), '{:.2f}x')} |")
+                f"{_fmt(r.get('speedup_vs_reference_eager'), '{:.2f}x')} | "
+                f"{_fmt(r.get('speedup_vs_reference_same_mode'), '{:.2f}x')} | "
+                f"{_fmt(r.get('first_step_ms', 0) / 1e3, '{:.1f}')} |")
             prof = r["profile"]
             cats.append(f"| {key} | {r['backends']}/{r['mode']}/{r['precision']} | {prof['step_ms']:.1f} | "
                         + " | ".join(f"{prof['share'][c]:.0%}" for c in CATEGORIES) + " |")

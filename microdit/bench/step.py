@@ -119,8 +119,15 @@ class StepSpec:
         return load_config(PHASES[self.phase][0] if self.phase is not None else None, list(overrides))
 
     def train_config(self, backends: str, mode: str, precision: str, out: str):
-        """The phase's training config with this setting (accumulation 1: one micro-batch a step)."""
-        return self._config([
+        """The phase's training config with this setting (accumulation 1: one micro-batch a step).
+        The optimizer follows the backends: `reference` runs the published AdamW (no fused
+        kernel), the others AdamW's fused kernel wherever torch has one for the device (on the CPU
+        it is several times faster than foreach, and the trainer's CPU default stays foreach only
+        for its golden curves). An `optim.fused=` override still wins."""
+        from ..train.optim import fused_supported
+
+        fused = backends != "reference" and fused_supported(torch.device(self.device).type)
+        return self._config([f"optim.fused={fused}",
             f"model.preset={self.preset}", f"train.micro_batch={self.micro_batch}",
             f"train.global_batch={self.micro_batch}", f"train.device={self.device}",
             f"train.precision={precision}", f"train.compile={mode == 'compiled'}", "train.tensorboard=false",
@@ -287,12 +294,19 @@ def run_matrix(spec: StepSpec, backends=BACKENDS, modes=MODES, precisions=None, 
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Every ratio measured in the same run: against reference backends, eager, same precision."""
+    """Every ratio measured in the same run, same precision: against the reference backends
+    eager, and against the reference backends in the same mode (compiled against compiled)."""
+    def ref(mode, precision):
+        return next((x for x in rows if x["status"] == "ok" and x["backends"] == "reference"
+                     and x["mode"] == mode and x["precision"] == precision), None)
+
     for r in rows:
-        ref = next((x for x in rows if x["status"] == "ok" and x["backends"] == "reference"
-                    and x["mode"] == "eager" and x["precision"] == r["precision"]), None)
-        if r["status"] == "ok" and ref:
-            r["speedup_vs_reference_eager"] = r["images_per_s"] / ref["images_per_s"]
+        if r["status"] != "ok":
+            continue
+        for key, base in (("speedup_vs_reference_eager", ref("eager", r["precision"])),
+                          ("speedup_vs_reference_same_mode", ref(r["mode"], r["precision"]))):
+            if base:
+                r[key] = r["images_per_s"] / base["images_per_s"]
 
 
 def trainer_check(spec: StepSpec, backends: str = "fast", mode: str = "eager", precision: str | None = None) -> dict:

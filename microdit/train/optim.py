@@ -39,14 +39,19 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
 def use_fused(model: torch.nn.Module, choice: bool | None) -> bool:
     """Whether AdamW runs its fused kernel: `choice`, or (None) where the parameters are on CUDA.
     An explicit True on a device without the kernel is an error naming the device."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
     devices = {p.device.type for p in model.parameters()}
     if choice is None:
         return devices == {"cuda"}
-    if choice and not devices <= set(_get_fused_kernels_supported_devices()):
+    if choice and not all(fused_supported(d) for d in devices):
         raise ValueError(f"optim.fused=true: AdamW has no fused kernel for {sorted(devices)} parameters")
     return bool(choice)
+
+
+def fused_supported(device_type: str) -> bool:
+    """Whether torch has AdamW's fused kernel for parameters on `device_type` (the CPU has one too)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return device_type in _get_fused_kernels_supported_devices()
 
 
 def lr_at(step: int, total_steps: int, cfg) -> float:
