@@ -23,10 +23,12 @@ Recipes: tensorwise (one scale per tensor from its current amax), rowwise (one s
 each operand along the contraction), delayed (tensorwise, the scale from the largest amax of
 the last `history` steps, as Transformer Engine's DelayedScaling).
 
-Checkpoints: the modules keep the published parameter names (an Fp8Linear is an nn.Linear) and
-their scaling state in non-persistent buffers, so `model.state_dict()` is the published format,
-loadable by a bf16 model and back; `scaling_state(model)` / `load_scaling_state` carry the
-delayed-scaling histories beside it.
+Checkpoints: with every backend, `model.state_dict()` is the published format, loadable by a
+bf16 model and back. Ours keep the published parameter names (an Fp8Linear is an nn.Linear) and
+their scaling state in non-persistent buffers; the libraries' modules are held to nn.Linear's
+entries by `keep_published_format` (Transformer Engine's `_extra_state` is left out).
+`scaling_state(model)` / `load_scaling_state` carry all the scaling state (amax histories,
+Transformer Engine's extra state) beside it; the trainer saves it as `fp8_scaling`.
 """
 from __future__ import annotations
 
@@ -211,6 +213,65 @@ def block_linears(model: nn.Module):
                     yield parent, name, child
 
 
+# ---------------------------------------------------------------- the published format
+# A library FP8 linear (te.Linear, torchao's Float8Linear) replaces an nn.Linear whose published
+# state dict entries are `weight` and `bias`. Whatever else the library saves (Transformer
+# Engine's `_extra_state`: its amax histories and scales; any persistent scaling buffer) is FP8
+# scaling state: `state_dict()` leaves it out, `load_state_dict` does not ask for it, and
+# `scaling_state` / `load_scaling_state` carry it beside the published-format state dict.
+PUBLISHED_LINEAR = ("weight", "bias")
+
+
+def _drop_scaling_entries(module, state_dict, prefix, local_metadata):
+    for k in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in PUBLISHED_LINEAR]:
+        del state_dict[k]
+
+
+def _note_prefix(module, state_dict, prefix, *args):
+    module._fp8_load_prefix = prefix
+
+
+def _forgive_missing_scaling(module, incompatible):
+    prefix = module._fp8_load_prefix
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not (
+        k.startswith(prefix) and k[len(prefix):] not in PUBLISHED_LINEAR)]
+
+
+def keep_published_format(module: nn.Module) -> nn.Module:
+    """Make `module` (an FP8 stand-in for an nn.Linear) save and load exactly nn.Linear's state
+    dict entries; its scaling state goes through `scaling_state` instead."""
+    if getattr(module, "_fp8_published_format", False):
+        return module
+    module._fp8_published_format = True
+    module.register_state_dict_post_hook(_drop_scaling_entries)
+    module.register_load_state_dict_pre_hook(_note_prefix)
+    module.register_load_state_dict_post_hook(_forgive_missing_scaling)
+    return module
+
+
+def replace_block_linears(model: nn.Module, make) -> nn.Module:
+    """Put `make(linear)` in place of every block linear, in the published format."""
+    for parent, name, lin in list(block_linears(model)):
+        setattr(parent, name, keep_published_format(make(lin)))
+    return model
+
+
+def _has_extra_state(m: nn.Module) -> bool:
+    return type(m).get_extra_state is not nn.Module.get_extra_state
+
+
+def _library_scaling_state(m: nn.Module) -> dict:
+    """A published-format module's own scaling state: its extra state and persistent buffers."""
+    state = {b: t.detach().clone() for b, t in m.named_buffers(recurse=False)
+             if b not in m._non_persistent_buffers_set}
+    if _has_extra_state(m):
+        extra = m.get_extra_state()
+        if hasattr(extra, "getvalue"):  # older Transformer Engine: a BytesIO; kept as bytes in a tensor
+            extra = torch.frombuffer(bytearray(extra.getvalue()), dtype=torch.uint8)
+        state["_extra_state"] = extra
+    return state
+
+
 def _check_recipe(recipe):
     if recipe not in RECIPES:
         raise ValueError(f"fp8 recipe {recipe!r} unknown (recipes: {', '.join(RECIPES)})")
@@ -256,8 +317,11 @@ def convert_torchao(model, recipe):
         raise ValueError(f"fp8 backend torchao has no {recipe!r} recipe (it has: {', '.join(TORCHAO_RECIPES)})")
     ao = availability.torchao_float8()
     config = ao.Float8LinearConfig.from_recipe_name(TORCHAO_RECIPES[recipe])
-    chosen = {id(lin) for _, _, lin in block_linears(model)}
+    slots = [(parent, name) for parent, name, _ in block_linears(model)]
+    chosen = {id(getattr(parent, name)) for parent, name in slots}
     ao.convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: id(m) in chosen)
+    for parent, name in slots:  # whatever state a torchao version adds stays beside the published format
+        keep_published_format(getattr(parent, name))
     return model
 
 
@@ -267,14 +331,17 @@ def convert_transformer_engine(model, recipe):
     """te.Linear for the block linears, run inside te.fp8_autocast (see `autocast`)."""
     _check_recipe(recipe)
     te = availability.transformer_engine()
-    for parent, name, lin in list(block_linears(model)):
+
+    def make(lin):
         new = te.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
                         params_dtype=lin.weight.dtype, device=lin.weight.device)
         with torch.no_grad():
             new.weight.copy_(lin.weight)
             if lin.bias is not None:
                 new.bias.copy_(lin.bias)
-        setattr(parent, name, new)
+        return new
+
+    replace_block_linears(model, make)
     model._fp8_te_recipe = recipe
     return model
 
@@ -312,17 +379,28 @@ def fp8_modules(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp8ExpertChoiceMoE))]
 
 
-def scaling_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The FP8 scaling state (amax histories), keyed by module name: kept beside the state dict."""
-    return {f"{n}.amax_history": m.amax_history.detach().clone() for n, m in fp8_modules(model)}
+def scaling_state(model: nn.Module) -> dict:
+    """The FP8 scaling state, keyed by module name: our amax histories and the libraries' own
+    state (Transformer Engine's `_extra_state`); kept beside the published-format state dict."""
+    state = {f"{n}.amax_history": m.amax_history.detach().clone() for n, m in fp8_modules(model)}
+    for n, m in model.named_modules():
+        if getattr(m, "_fp8_published_format", False):
+            state.update({f"{n}.{k}": v for k, v in _library_scaling_state(m).items()})
+    return state
 
 
-def load_scaling_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    own = {f"{n}.amax_history": m for n, m in fp8_modules(model)}
+def load_scaling_state(model: nn.Module, state: dict) -> None:
+    own = {f"{n}.amax_history": (m, "amax_history") for n, m in fp8_modules(model)}
+    for n, m in model.named_modules():
+        if getattr(m, "_fp8_published_format", False):
+            own.update({f"{n}.{k}": (m, k) for k in _library_scaling_state(m)})
     missing, unknown = set(own) - set(state), set(state) - set(own)
     if missing or unknown:
         raise KeyError(f"fp8 scaling state does not match the model: missing {sorted(missing)[:3]}, "
                        f"unknown {sorted(unknown)[:3]}")
     with torch.no_grad():
-        for k, m in own.items():
-            m.amax_history.copy_(state[k])
+        for k, (m, attr) in own.items():
+            if attr == "_extra_state":
+                m.set_extra_state(state[k])
+            else:
+                getattr(m, attr).copy_(state[k])

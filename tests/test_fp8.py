@@ -142,6 +142,80 @@ def test_state_dict_is_the_published_format_both_ways():
         fp8.load_scaling_state(back, {})
 
 
+class FakeTELinear(torch.nn.Module):
+    """Stands in for te.Linear: the linear's weight and bias, a persistent scale buffer and an
+    amax history saved as `_extra_state` (get_extra_state / set_extra_state), as TE does."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.weight, self.bias = lin.weight, lin.bias
+        self.register_buffer("scale_inv", torch.ones(2, device=lin.weight.device))
+        self.history = torch.zeros(4, device=lin.weight.device)
+
+    def forward(self, x):
+        self.history = torch.cat([x.detach().abs().amax()[None], self.history[:-1]])
+        self.scale_inv.fill_(float(self.history.max()) / 448.0)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    def get_extra_state(self):
+        return self.history.clone()
+
+    def set_extra_state(self, state):
+        self.history = state.clone()
+
+
+def run_once(model):
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model(torch.randn(2, c.in_channels, c.input_size, c.input_size, generator=g), torch.randn(2, generator=g),
+              torch.randn(2, 7, c.caption_channels, generator=g))
+
+
+def test_library_fp8_linears_keep_the_published_format_and_their_scaling_state_beside_it():
+    """A Transformer Engine-like module adds `_extra_state` and a buffer to its state dict; the
+    converted model still saves exactly the published entries, loads them strictly, and carries
+    that state through scaling_state / load_scaling_state."""
+    assert {"_extra_state", "scale_inv"} <= set(FakeTELinear(torch.nn.Linear(2, 3)).state_dict())
+    ref = small_model()
+    model = fp8.replace_block_linears(copy.deepcopy(ref), FakeTELinear)
+    n_linears = sum(isinstance(m, FakeTELinear) for m in model.modules())
+    assert n_linears == len(list(fp8.block_linears(ref))) > 0
+    run_once(model)
+    sd = model.state_dict()
+    assert list(sd) == list(ref.state_dict())
+    assert all(torch.equal(sd[k], v) for k, v in ref.state_dict().items())
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    assert list(get_model_state_dict(model)) == list(sd)  # the trainer's own path
+    plain = small_model().to(torch.bfloat16)  # an FP8 run's weights in a bf16 model ...
+    plain.load_state_dict(sd, strict=True)
+    back = fp8.replace_block_linears(small_model(), FakeTELinear)
+    back.load_state_dict(plain.state_dict(), strict=True)  # ... and back, with no `_extra_state` asked for
+    set_model_state_dict(back, plain.state_dict())
+    assert all(torch.equal(v, sd[k].bfloat16().to(v.dtype)) for k, v in back.state_dict().items())
+    scaling = fp8.scaling_state(model)
+    assert sorted({k.rsplit(".", 1)[1] for k in scaling}) == ["_extra_state", "scale_inv"]
+    assert len(scaling) == 2 * n_linears and any(v.abs().sum() > 0 for v in scaling.values())
+    fp8.load_scaling_state(back, scaling)
+    for (n, a), (_, b) in zip(model.named_modules(), back.named_modules()):
+        if isinstance(a, FakeTELinear):
+            assert torch.equal(a.history, b.history) and torch.equal(a.scale_inv, b.scale_inv), n
+    with pytest.raises(KeyError, match="missing"):
+        fp8.load_scaling_state(back, {k: v for k, v in scaling.items() if "scale_inv" not in k})
+
+
+@pytest.mark.parametrize("make", [None, FakeTELinear], ids=["torch", "te_like"])
+def test_fp8_xl_saves_the_published_xl_key_set(xl_tensor_list, make):
+    from tests.models.test_checkpoint import xl_meta_state_dict
+    from microdit.models.checkpoint import load_reference
+
+    m = load_reference(xl_meta_state_dict(xl_tensor_list))
+    m = fp8.convert(m, backend="torch") if make is None else fp8.replace_block_linears(m, make)
+    sd = m.state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == dict(xl_tensor_list)
+
+
 class CountScaledMM(TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -142,3 +142,18 @@ def test_bench_measures_what_the_trainer_achieves(monkeypatch):
     check = step.trainer_check(spec)
     assert len(calls) - timed == 2 * spec.steps  # Trainer.run went through the same step_once
     assert check["trainer_images_per_s"] > 0
+
+
+def test_ratios_compare_compiled_with_compiled_and_reference_runs_the_published_adamw():
+    rows = [dict(status="ok", backends=b, mode=m, precision="fp32", images_per_s=v)
+            for b, m, v in [("reference", "eager", 1.0), ("fast", "eager", 2.0),
+                            ("reference", "compiled", 4.0), ("fast", "compiled", 6.0)]]
+    step.add_ratios(rows)
+    assert [r["speedup_vs_reference_eager"] for r in rows] == [1.0, 2.0, 4.0, 6.0]
+    assert [r["speedup_vs_reference_same_mode"] for r in rows] == [1.0, 2.0, 1.0, 1.5]
+    spec = step.StepSpec(**TINY).resolved()
+    assert spec.train_config("reference", "eager", "fp32", "/tmp/x").optim.fused is False
+    # The fast configurations: AdamW's fused kernel wherever torch has one (the CPU has).
+    assert spec.train_config("fast", "compiled", "fp32", "/tmp/x").optim.fused is True
+    forced = step.StepSpec(**{**TINY, "overrides": ["optim.fused=false"]}).resolved()
+    assert forced.train_config("fast", "eager", "fp32", "/tmp/x").optim.fused is False
