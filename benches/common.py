@@ -67,6 +67,23 @@ class ResultLog:
             path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
 
 
+def result_log(name: str, key: tuple[str, ...], metric: str = "ms"):
+    """A module fixture `log` (assign it: `log = result_log(...)`): a ResultLog written to
+    benches/results/<name>-<device>.json when the module's benchmarks are done."""
+    @pytest.fixture(scope="module")
+    def log():
+        results = ResultLog(name)
+        yield results
+        results.write(key=key, metric=metric)
+    return log
+
+
+def batch_and_dtype(device: str, b_cpu: int, b_gpu: int) -> tuple[int, torch.dtype]:
+    """The benchmarks' batch and dtype on `device`: the CPU's smaller batch in float32, the
+    GPU's training batch in bfloat16."""
+    return (b_cpu, torch.float32) if device == "cpu" else (b_gpu, torch.bfloat16)
+
+
 def runnable_backends(op) -> list[str]:
     """The backends of `op` that can run on this machine."""
     return [n for n, _, r in op.table() if not r]

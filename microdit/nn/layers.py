@@ -115,17 +115,18 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.proj = nn.Linear(width, dim, bias=bias)
         self.attention = bound_op(ops, "attention")
+        self.qk_norm = bound_op(ops, "qk_norm")  # q_norm and k_norm's LN0, in the layout and dtype attention takes
 
     def forward(self, x):
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).split(self.width, dim=-1)  # 3 x (B, N, h)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.view(B, N, self.heads, -1) for t in (q, k, v))  # (B, N, H, hd), no transposes
-        o = self.attention(q, k, v)  # (B, N, H, hd)
+        q, k, v = self.qkv(x).split(self.width, dim=-1)  # 3 x (B, N, h), views of one GEMM output
+        q = self.qk_norm(q, self.heads, self.q_norm.eps)  # (B, N, H, hd)
+        k = self.qk_norm(k, self.heads, self.k_norm.eps)  # (B, N, H, hd)
+        o = self.attention(q, k, v.view(B, N, self.heads, -1))  # (B, N, H, hd), no transposes
         return self.proj(o.reshape(B, N, self.width))  # (B, N, d)
 
     def extra_repr(self):
-        return f"heads={self.heads}, attention={self.attention.describe()}"
+        return f"heads={self.heads}, attention={self.attention.describe()}, qk_norm={self.qk_norm.describe()}"
 
 
 class CrossAttention(nn.Module):
@@ -140,19 +141,20 @@ class CrossAttention(nn.Module):
         self.k_norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.proj = nn.Linear(width, dim, bias=bias)
         self.attention = bound_op(ops, "attention")
+        self.qk_norm = bound_op(ops, "qk_norm")
 
     def forward(self, x, y, kv=None):
         """`kv` (B, L, 2h): kv_linear(y) when the model computed it already (all blocks in one GEMM)."""
         B, N, _ = x.shape
         L = y.shape[1]
-        q = self.q_norm(self.q_linear(x)).view(B, N, self.heads, -1)  # (B, N, H, hd)
+        q = self.qk_norm(self.q_linear(x), self.heads, self.q_norm.eps)  # (B, N, H, hd)
         k, v = (self.kv_linear(y) if kv is None else kv).split(self.width, dim=-1)  # 2 x (B, L, h)
-        k = self.k_norm(k).view(B, L, self.heads, -1)  # (B, L, H, hd)
+        k = self.qk_norm(k, self.heads, self.k_norm.eps)  # (B, L, H, hd)
         o = self.attention(q, k, v.view(B, L, self.heads, -1))  # (B, N, H, hd)
         return self.proj(o.reshape(B, N, self.width))  # (B, N, d)
 
     def extra_repr(self):
-        return f"heads={self.heads}, attention={self.attention.describe()}"
+        return f"heads={self.heads}, attention={self.attention.describe()}, qk_norm={self.qk_norm.describe()}"
 
 
 class SwiGLU(nn.Module):

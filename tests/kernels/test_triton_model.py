@@ -8,7 +8,8 @@ from tests.helpers import rel_err
 from tests.kernels.triton_env import DEVICE, reason
 
 pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
-TRITON = {"moe": "triton", "keep_indices": "triton", "mask_tokens": "triton", "unmask_tokens": "triton"}
+TRITON = {"moe": "triton", "keep_indices": "triton", "mask_tokens": "triton", "unmask_tokens": "triton",
+          "qk_norm": "triton"}
 
 
 @pytest.fixture(scope="module", autouse=True)

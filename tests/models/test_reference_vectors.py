@@ -6,7 +6,7 @@ import torch
 
 import microdit
 from microdit import edm
-from microdit.ops import attention, ln_modulate, moe, multi_linear, residual_ln_modulate, swiglu
+from microdit.ops import attention, ln_modulate, moe, multi_linear, qk_norm, residual_ln_modulate, swiglu
 from microdit.ops.keep_indices import drop_mask
 from microdit.ops.mask_tokens import mask_tokens_op
 from microdit.ops.unmask_tokens import unmask_tokens_op
@@ -31,7 +31,7 @@ COMBOS = [
 # chosen explicitly (the automatic choice, above, already picks them where they are the best).
 FUSION_OPS = {"attention": attention.attention_op, "swiglu": swiglu.swiglu_op, "ln_modulate": ln_modulate.ln_modulate_op,
               "residual_ln_modulate": residual_ln_modulate.residual_ln_modulate_op,
-              "multi_linear": multi_linear.multi_linear_op}
+              "multi_linear": multi_linear.multi_linear_op, "qk_norm": qk_norm.qk_norm_op}
 FUSIONS = [{name: "reference" for name in FUSION_OPS}] + [
     {name: backend} for name, op in FUSION_OPS.items() for backend in available_backends(op)
     if backend != "reference" and (backend != "triton" or torch.cuda.is_available())]
