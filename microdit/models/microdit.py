@@ -46,7 +46,8 @@ class Block(nn.Module):
     """adaLN-modulated self-attention, unmodulated cross-attention, modulated FFN (dense or MoE).
 
     Each LayerNorm + modulate is one ln_modulate op, and each gated residual add is fused with
-    the LayerNorm after it (residual_ln_modulate); with the `reference` backends this is the
+    the LayerNorm after it (residual_ln_modulate), the FFN's into the next block's norm1 when
+    the model chains its blocks (MicroDiT.run_blocks); with the `reference` backends this is the
     published sequence of operations, one after the other."""
 
     def __init__(self, dim, cond_dim, attn_width, head_dim, ffn, eps, bias, ops: OpSet | None = None):
@@ -62,20 +63,27 @@ class Block(nn.Module):
         self.ln_modulate = bound_op(ops, "ln_modulate")
         self.residual_ln_modulate = bound_op(ops, "residual_ln_modulate")
 
-    def forward(self, x, y, c, mod=None, kv=None):
+    def forward(self, x, y, c, mod=None, kv=None, pending=None, defer: bool = False):
         """`mod` (B, 6d) and `kv` (B, L, 2d): this block's adaLN output and caption K/V, when the
-        model computed those of all blocks at once (one GEMM each)."""
+        model computed those of all blocks at once (one GEMM each). `pending` (branch, gate):
+        the previous block's FFN output and gate2, not yet added to x: added here, fused with
+        norm1 + modulate (residual_ln_modulate). `defer`: return (x, FFN output, gate2) instead
+        of their gated sum, for the next block to fuse the same way."""
         mod = self.adaLN_modulation(c) if mod is None else mod  # (B, 6d)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, d)
         # norm2 is not modulated: shift = scale = 0 (two tensors: one passed twice to an
         # autograd.Function is a graph break under torch.compile)
         zero_shift, zero_scale = torch.zeros_like(shift1), torch.zeros_like(scale1)
-        h = self.ln_modulate(x, self.norm1.weight, shift1, scale1, self.eps)  # (B, N, d)
+        if pending is None:
+            h = self.ln_modulate(x, self.norm1.weight, shift1, scale1, self.eps)  # (B, N, d)
+        else:
+            x, h = self.residual_ln_modulate(x, *pending, self.norm1.weight, shift1, scale1, self.eps)  # (B, N, d) x 2
         x, h = self.residual_ln_modulate(x, self.attn(h), gate1, self.norm2.weight, zero_shift, zero_scale,
                                          self.eps)  # (B, N, d) x 2
         x, h = self.residual_ln_modulate(x, self.cross_attn(h, y, kv), None, self.norm3.weight, shift2, scale2,
                                          self.eps)  # (B, N, d) x 2
-        return x + gate2.unsqueeze(1) * self.mlp(h)  # (B, N, d)
+        out = self.mlp(h)  # (B, N, d)
+        return (x, out, gate2) if defer else x + gate2.unsqueeze(1) * out  # (B, N, d)
 
 
 class CaptionBlock(nn.Module):
@@ -255,6 +263,17 @@ class MicroDiT(nn.Module):
             return [None] * len(lins)
         return self.ops.multi_linear(y, [l.weight for l in lins], [l.bias for l in lins])
 
+    def run_blocks(self, blocks, x, y, c, mods, kvs):
+        """The blocks in order. Where the model applies the maps across blocks, each block's last
+        gated residual is added by the next block, fused with its norm1 + modulate (the chain
+        ends at the last block). Under FSDP2 (across_blocks off) each block keeps its own."""
+        pending = None
+        for i, (block, mod, kv) in enumerate(zip(blocks, mods, kvs)):
+            defer = self.across_blocks and i < len(blocks) - 1
+            out = block(x, y, c, mod, kv, pending=pending, defer=defer)
+            x, pending = (out[0], out[1:]) if defer else (out, None)  # (B, N, d)
+        return x
+
     def forward(self, x, c_noise, y, *, mask_ratio: float = 0.0, ids_keep=None, guidance: float = 1.0,
                 generator: torch.Generator | None = None):
         """F(x, c_noise, y): (B, C, H, W) -> (B, C, H, W). `ids_keep` (B, K) fixes the kept tokens."""
@@ -279,8 +298,7 @@ class MicroDiT(nn.Module):
         if cfg.use_patch_mixer:
             x = self.patch_mixer_map_xin(x)  # (B, T, Dm)
             y_mixer = self.patch_mixer_map_y(y)  # (B, L, Dm)
-            for block, mod, kv in zip(mixer, mods, self.caption_kv(y_mixer, mixer)):
-                x = block(x, y_mixer, c, mod, kv)  # (B, T, Dm)
+            x = self.run_blocks(mixer, x, y_mixer, c, mods[:len(mixer)], self.caption_kv(y_mixer, mixer))  # (B, T, Dm)
         T = x.shape[1]
         if ids_keep is None and mask_ratio > 0:
             ids_keep = self.ops.keep_indices(B, T, mask_ratio, x.device, generator)
@@ -290,8 +308,7 @@ class MicroDiT(nn.Module):
             x = self.ops.mask_tokens(x, ids_keep)  # (B, K, Dm)
         if cfg.use_patch_mixer:
             x = self.patch_mixer_map_xout(x)  # (B, K, D)
-        for block, mod, kv in zip(self.blocks, mods[len(mixer):], self.caption_kv(y, self.blocks)):
-            x = block(x, y, c, mod, kv)  # (B, K, D)
+        x = self.run_blocks(list(self.blocks), x, y, c, mods[len(mixer):], self.caption_kv(y, self.blocks))  # (B, K, D)
         x = self.final_layer(x, c)  # (B, K, p*p*C)
         if ids_keep is not None:
             # Un-mask with mask_token and un-patchify, in one pass where a backend fuses them.

@@ -9,7 +9,7 @@ from tests.kernels.triton_env import DEVICE, reason
 
 pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
 TRITON = {"moe": "triton", "keep_indices": "triton", "mask_tokens": "triton", "unmask_tokens": "triton",
-          "qk_norm": "triton"}
+          "qk_norm": "triton", "swiglu": "triton"}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -116,3 +116,36 @@ def test_bf16_autocast_training_step():
         loss = microdit.edm.loss(m, x0, y, mask_ratio=0.75)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_blocks_chain_each_ffn_residual_into_the_next_norm1():
+    """With the maps applied across blocks, each block's FFN residual (but the last of the mixer
+    and of the backbone) is added by the next block's residual_ln_modulate; the outputs and
+    gradients are those of each block adding its own (FSDP2's across_blocks=False path)."""
+    from microdit.ops.registry import ALL_OPS
+
+    torch.manual_seed(0)
+    m = randomised(microdit.create_model("MicroDiT_Test_2", backends={"ln_modulate": "reference",
+                                                                       "residual_ln_modulate": "reference"})).double()
+    x, t, y = (v.double() for v in batch())  # float64: the chain only reorders gradient sums
+    keep = keep_indices(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    op, calls = ALL_OPS["residual_ln_modulate"], []
+    runs = {}
+    try:
+        ALL_OPS["residual_ln_modulate"] = lambda *a, **k: calls.append(1) or op(*a, **k)
+        for chained in (True, False):
+            m.across_blocks, calls[:] = chained, []
+            out = m(x, t, y, ids_keep=keep)
+            runs[chained] = (out, torch.autograd.grad(out.square().sum(), list(m.parameters()), allow_unused=True),
+                             len(calls))
+    finally:
+        ALL_OPS["residual_ln_modulate"] = op
+        m.across_blocks = True
+    n_mixer, n_blocks = len(m.patch_mixer), len(m.blocks)
+    assert runs[False][2] == 2 * (n_mixer + n_blocks)
+    assert runs[True][2] == 2 * (n_mixer + n_blocks) + (n_mixer - 1) + (n_blocks - 1)
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
