@@ -123,11 +123,14 @@ class StepSpec:
         The optimizer follows the backends: `reference` runs the published AdamW (no fused
         kernel), the others AdamW's fused kernel wherever torch has one for the device (on the CPU
         it is several times faster than foreach, and the trainer's CPU default stays foreach only
-        for its golden curves). An `optim.fused=` override still wins."""
+        for its golden curves). An `optim.fused=` or `train.flush_denormal=` override still wins."""
         from ..train.optim import fused_supported
 
         fused = backends != "reference" and fused_supported(torch.device(self.device).type)
-        return self._config([f"optim.fused={fused}",
+        # On the CPU every configuration, reference too, flushes denormals (train.flush_denormal):
+        # an FPU mode, not an op, that would otherwise dominate both sides' step time.
+        cpu = torch.device(self.device).type == "cpu"
+        return self._config([f"optim.fused={fused}", f"train.flush_denormal={cpu}",
             f"model.preset={self.preset}", f"train.micro_batch={self.micro_batch}",
             f"train.global_batch={self.micro_batch}", f"train.device={self.device}",
             f"train.precision={precision}", f"train.compile={mode == 'compiled'}", "train.tensorboard=false",

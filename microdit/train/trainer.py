@@ -173,6 +173,8 @@ class Trainer:
         self.precision = precision
         self.edm_config = cfg.diffusion.edm_config()  # the EDM constants of every step
 
+        if t.flush_denormal and self.device.type == "cpu" and not torch.set_flush_denormal(True):
+            log.warning("train.flush_denormal: this CPU cannot flush denormals (no SSE3); left as is")
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.raw = build_model(cfg, data_info).initialize_weights().to(self.device)
         if t.init_from:

@@ -9,7 +9,10 @@ from PIL import Image
 from microdit.bench import profile, report, step
 from microdit.cli import main
 
-TINY = dict(preset="MicroDiT_Test_2", device="cpu", micro_batch=2, steps=2, warmup=1, latent_size=16)
+# train.flush_denormal off: the CPU bench turns it on, and the FPU mode would outlive the
+# trainer in this test process (tests/train/test_trainer.py checks it in a subprocess).
+TINY = dict(preset="MicroDiT_Test_2", device="cpu", micro_batch=2, steps=2, warmup=1, latent_size=16,
+            overrides=["train.flush_denormal=false"])
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +154,10 @@ def test_ratios_compare_compiled_with_compiled_and_reference_runs_the_published_
     step.add_ratios(rows)
     assert [r["speedup_vs_reference_eager"] for r in rows] == [1.0, 2.0, 4.0, 6.0]
     assert [r["speedup_vs_reference_same_mode"] for r in rows] == [1.0, 2.0, 1.0, 1.5]
-    spec = step.StepSpec(**TINY).resolved()
-    assert spec.train_config("reference", "eager", "fp32", "/tmp/x").optim.fused is False
+    spec = step.StepSpec(**{**TINY, "overrides": []}).resolved()
+    ref = spec.train_config("reference", "eager", "fp32", "/tmp/x")
+    assert ref.optim.fused is False and ref.train.flush_denormal is True  # the FPU mode on both sides
+    assert spec.train_config("fast", "eager", "fp32", "/tmp/x").train.flush_denormal is True
     # The fast configurations: AdamW's fused kernel wherever torch has one (the CPU has).
     assert spec.train_config("fast", "compiled", "fp32", "/tmp/x").optim.fused is True
     forced = step.StepSpec(**{**TINY, "overrides": ["optim.fused=false"]}).resolved()

@@ -211,3 +211,28 @@ def test_sample_grid_skipped_when_the_data_encoders_cannot_be_rebuilt(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="microdit.train"):
         assert trainer.sample_grid() is None
     assert "sample grid skipped" in caplog.text and "config.json" in caplog.text
+
+
+FLUSH_CHECK = """
+import sys, tempfile, torch
+from microdit.train.config import load_config
+from microdit.train.trainer import Trainer
+from tests.train.fakes import DATA_INFO, MemoryLoader
+tiny = torch.tensor([1e-40])  # a denormal float32
+before = bool((tiny * 1.0)[0] == 0)
+with tempfile.TemporaryDirectory() as out:
+    cfg = load_config(None, ["model.preset=MicroDiT_Test_2", "train.device=cpu", f"out={out}",
+                             "train.flush_denormal=" + sys.argv[1]])
+    Trainer(cfg, MemoryLoader(), DATA_INFO).lock.release()
+print(before, bool((tiny * 1.0)[0] == 0))
+"""
+
+
+@pytest.mark.parametrize("flush", ["true", "false"])
+def test_flush_denormal_sets_the_cpu_mode(flush):
+    """train.flush_denormal=true: denormals become zero in the training process (a subprocess:
+    the mode outlives the trainer)."""
+    run = subprocess.run([sys.executable, "-c", FLUSH_CHECK, flush], env=ENV, capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-2:] == ["False", "True" if flush == "true" else "False"]
