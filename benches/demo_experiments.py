@@ -50,7 +50,8 @@ def run(name: str, steps: int, overrides: list[str], work: Path, prompts: int, c
     info = setup("cpu")
     # Shards are shared by the runs that prepare the same data.
     d = cfg.data
-    data_key = f"{d.source}-{d.num}-{d.resolution}-{d.codec.replace(':', '')}-{d.text_encoder}-{d.caption_len}"
+    data_key = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in
+                       f"{d.source}-{d.num}-{d.resolution}-{d.codec}-{d.text_encoder}-{d.caption_len}")
     data_cfg = load_config(config, [*train_over, f"out={work / ('data-' + data_key)}"])
     t0 = time.perf_counter()
     root = Path(cfg.data.path) if cfg.data.path else prepare_default_data(data_cfg, info)

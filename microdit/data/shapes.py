@@ -143,8 +143,17 @@ def _place(rng: np.random.Generator, position: str, extent: float) -> tuple[floa
 
 
 def sample_scene(rng: np.random.Generator, max_objects: int = 2, textured_fraction: float = 0.3,
-                 num_objects: int | None = None, repeat_prob: float = 0.2) -> Scene:
-    """Random scene of 1..max_objects non-overlapping objects in distinct cells."""
+                 num_objects: int | None = None, repeat_prob: float = 0.2,
+                 background_colors: Sequence[str] | None = None) -> Scene:
+    """Random scene of 1..max_objects non-overlapping objects in distinct cells.
+
+    background_colors: the background colours to draw from (default: all of BACKGROUND_COLORS).
+    """
+    backgrounds = list(BACKGROUND_COLORS) if background_colors is None else list(background_colors)
+    unknown = [b for b in backgrounds if b not in BACKGROUND_COLORS]
+    if not backgrounds or unknown:
+        raise ValueError(f"background colours must be a non-empty list of {tuple(BACKGROUND_COLORS)}, "
+                         f"got {background_colors!r}")
     if not 1 <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}")
     n = int(rng.integers(1, max_objects + 1)) if num_objects is None else num_objects
@@ -178,7 +187,7 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 2, textured_fracti
     return Scene(
         objects=objects,
         background=str(rng.choice(BACKGROUND_KINDS[1:])) if textured else "plain",
-        background_color=str(rng.choice(list(BACKGROUND_COLORS))),
+        background_color=str(rng.choice(backgrounds)),
         texture_seed=int(rng.integers(0, 2**31 - 1)),
         texture_period=float(rng.uniform(0.08, 0.16)),
         texture_angle=float(rng.choice([0.0, 45.0, 90.0, 135.0])),
@@ -317,11 +326,17 @@ class ShapesDataset:
     """Captioned Shapes images; item i depends only on (seed, i), so any order or shard agrees."""
 
     def __init__(self, num: int, resolution: int = 32, seed: int = 0, max_objects: int = 2,
-                 textured_fraction: float = 0.3):
+                 textured_fraction: float = 0.3, background_colors: Sequence[str] | None = None):
         if num < 0:
             raise ValueError("num must be non-negative")
+        if not 0.0 <= textured_fraction <= 1.0:
+            raise ValueError(f"textured_fraction must be in [0, 1], got {textured_fraction}")
+        if not 1 <= max_objects <= MAX_OBJECTS:
+            raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
         self.num, self.resolution, self.seed = num, resolution, seed
         self.max_objects, self.textured_fraction = max_objects, textured_fraction
+        self.background_colors = None if background_colors is None else tuple(background_colors)
+        sample_scene(np.random.default_rng(0), background_colors=self.background_colors)  # checks the names
 
     def __len__(self) -> int:
         return self.num
@@ -332,7 +347,8 @@ class ShapesDataset:
             raise IndexError(index)
         index %= self.num
         rng = np.random.default_rng([self.seed, index])
-        return sample_scene(rng, self.max_objects, self.textured_fraction)
+        return sample_scene(rng, self.max_objects, self.textured_fraction,
+                            background_colors=self.background_colors)
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)

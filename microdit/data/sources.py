@@ -181,10 +181,13 @@ class ShapesSource(Source):
 
     name = "shapes"
 
-    def __init__(self, num: int, seed: int = 0):
+    def __init__(self, num: int, seed: int = 0, options: dict | None = None):
         if num is None or num < 0:
             raise ValueError(f"the shapes source needs --num N >= 0, got {num}")
         self.num, self.seed = num, seed
+        # ShapesDataset keyword arguments (see shapes_options): a distribution tuned for a task.
+        self.options = dict(options or {})
+        self._dataset(32)  # bad options fail here, naming themselves
 
     def refs(self) -> list:
         return list(range(self.num))
@@ -192,7 +195,7 @@ class ShapesSource(Source):
     def _dataset(self, resolution: int):
         from .shapes import ShapesDataset
 
-        return ShapesDataset(self.num, resolution=resolution, seed=self.seed)
+        return ShapesDataset(self.num, resolution=resolution, seed=self.seed, **self.options)
 
     def read(self, ref):
         item = self._dataset(32)[ref]
@@ -206,7 +209,36 @@ class ShapesSource(Source):
                     {r: np.ascontiguousarray(it["image"], dtype=np.uint8) for r, it in items.items()}, caption)
 
     def describe(self):
-        return {"kind": self.name, "num": self.num, "seed": self.seed}
+        return {"kind": self.name, "num": self.num, "seed": self.seed,
+                # JSON's types, so a resumed prepare compares equal to what it recorded
+                **({"options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}}
+                   if self.options else {})}
+
+
+def shapes_options(spec: str) -> dict:
+    """ShapesDataset keyword arguments from a source spec `shapes:key=value,key=value`.
+
+    Keys: `textured` (fraction of textured backgrounds, 0..1), `backgrounds` (background colour
+    names joined by `+`, e.g. `grey+slate`), `max_objects` (1..4). `shapes` alone: the defaults.
+    """
+    _, _, rest = spec.partition(":")
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        try:
+            if not eq:
+                raise ValueError("expected key=value")
+            if key == "textured":
+                out["textured_fraction"] = float(value)
+            elif key == "backgrounds":
+                out["background_colors"] = tuple(v.strip() for v in value.split("+"))
+            elif key == "max_objects":
+                out["max_objects"] = int(value)
+            else:
+                raise ValueError("known keys: textured, backgrounds, max_objects")
+        except ValueError as e:
+            raise ValueError(f"source {spec!r}: bad option {part!r} ({e})") from None
+    return out
 
 
 def _existing(path, what: str, kind) -> Path:
@@ -413,8 +445,8 @@ def open_source(spec, *, num: int | None = None, seed: int = 0) -> Source:
     """The source named by `spec`: "shapes", an image folder, a .jsonl/.csv manifest, or a folder of .tar shards."""
     if isinstance(spec, Source):
         return spec
-    if str(spec) == "shapes":
-        return ShapesSource(num if num is not None else 1000, seed)
+    if str(spec) == "shapes" or str(spec).startswith("shapes:"):
+        return ShapesSource(num if num is not None else 1000, seed, shapes_options(str(spec)))
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"source {spec!r} is neither 'shapes' nor an existing path")

@@ -1,5 +1,6 @@
 """Sources of captioned images: folder, manifest, webdataset tars, shapes; preprocessing; bad inputs."""
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -157,3 +158,27 @@ def test_jpeg_draft_decoding_is_close_to_a_full_decode():
     with Image.open(io.BytesIO(data)) as im:
         full = center_crop_resize(im.convert("RGB"), 32).astype(int)
     assert np.abs(fast - full).mean() < 1.0
+
+
+def test_shapes_source_options_tune_the_distribution():
+    from microdit.data.sources import shapes_options
+
+    assert shapes_options("shapes") == {}
+    opts = shapes_options("shapes:textured=0,backgrounds=grey+slate,max_objects=1")
+    assert opts == {"textured_fraction": 0.0, "background_colors": ("grey", "slate"), "max_objects": 1}
+    src = open_source("shapes:textured=0,backgrounds=grey,max_objects=1", num=40, seed=2)
+    scenes = [src._dataset(32).scene(i) for i in range(40)]
+    assert all(s.background == "plain" and s.background_color == "grey" and len(s.objects) == 1 for s in scenes)
+    assert src.describe()["options"] == {"textured_fraction": 0.0, "background_colors": ["grey"], "max_objects": 1}
+    assert json.loads(json.dumps(src.describe())) == src.describe()  # what prepare records and compares
+    # The default source is unchanged by the options machinery (same items as ShapesDataset's defaults).
+    plain = open_source("shapes", num=3, seed=5)
+    assert "options" not in plain.describe()
+    with pytest.raises(ValueError, match="bad option 'colour=red'"):
+        open_source("shapes:colour=red", num=3)
+    with pytest.raises(ValueError, match="bad option 'textured'"):
+        open_source("shapes:textured", num=3)
+    with pytest.raises(ValueError, match="background colours"):
+        open_source("shapes:backgrounds=pink", num=3)
+    with pytest.raises(ValueError, match="textured_fraction"):
+        open_source("shapes:textured=2", num=3)
