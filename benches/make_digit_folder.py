@@ -44,11 +44,15 @@ def digit_image(rng: np.random.Generator, digit: int, white_on_black: bool, side
     return img.convert("RGB")
 
 
-def make_folder(out: Path, num: int, seed: int = 0) -> int:
+def make_folder(out: Path, num: int, seed: int = 0, digits=tuple(range(10))) -> int:
+    """`num` captioned digits (drawn from `digits`) into `out`; returns how many were written."""
+    digits = tuple(int(d) for d in digits)
+    if not digits or any(not 0 <= d <= 9 for d in digits):
+        raise ValueError(f"digits must be a non-empty list of 0..9, got {digits}")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(num):
-        digit, wob = int(rng.integers(10)), bool(rng.integers(2))
+        digit, wob = digits[int(rng.integers(len(digits)))], bool(rng.integers(2))
         digit_image(rng, digit, wob).save(out / f"{i:05d}.png")
         fg, bg = ("white", "black") if wob else ("black", "white")
         (out / f"{i:05d}.txt").write_text(f"a {fg} digit {NAMES[digit]} on a {bg} background\n")
@@ -60,8 +64,10 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--num", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--digits", default="0123456789", help="the classes, e.g. 0137 (default: all ten)")
     args = p.parse_args(argv)
-    print(f"wrote {make_folder(Path(args.out), args.num, args.seed)} images to {args.out}")
+    n = make_folder(Path(args.out), args.num, args.seed, [int(c) for c in args.digits])
+    print(f"wrote {n} images to {args.out}")
     return 0
 
 

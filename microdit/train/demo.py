@@ -55,15 +55,18 @@ def run_demo(out="runs/demo", *, steps: int | None = None, resume: bool = False)
     """The embedded default end to end: prepare shapes, train (the demo config, `steps` if given),
     sample the demo prompts with the EMA weights, score with ShapesEval, write OUT/REPORT.md."""
     from ..pipeline import generate_images
+    from .config import load_config
     from .run import evaluate, train
 
     out = Path(out)
+    # The sampler settings are the recipe's (configs/demo.yaml), the same as its training grids.
+    sampling = load_config("demo").train
     times = {}
     t0 = time.perf_counter()
     summary = train("demo", [f"train.steps={steps}"] if steps else [], out=str(out), resume=resume)
     times["prepare_and_train_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    common = dict(steps=20, guidance=3.0, seed=0, ema=True, device="auto")
+    common = dict(steps=sampling.sample_steps, guidance=sampling.sample_guidance, seed=0, ema=True, device="auto")
     generate_images(str(out), PROMPTS, out=str(out / "final_samples"), num_per_prompt=4, dtype="float32", **common)
     times["sample_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
