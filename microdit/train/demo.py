@@ -110,15 +110,17 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         "## What you should see", "",
         "- The loss falls fast in the first ~200 steps, then slowly; it stays noisy because every step "
         "draws new noise levels.",
-        "- The grid fills in coarse to fine as training goes on (compare the grids in `samples/`): first "
-        "blobs of the prompted colour, then one object of roughly the prompted size in the prompted "
-        "place, then its outline (circle, square, triangle, diamond, cross) on a plain background. "
-        "Colours and single objects come first; two objects, exact counts and colour attribution "
-        "come last and need more steps than this budget.",
+        "- What this budget teaches (docs/demo_experiments.md): the prompt's colour first, on a clean "
+        "grey background, as blobs and rough objects; where the caption puts an object comes last. "
+        "Single objects and colours score first; position, counts and colour attribution need "
+        "many more steps than a 2-core CPU does in these minutes.",
         "- The same command gives the same numbers again (seeded data, noise and sampling).",
-        "- Token-sized (4 x 4 px) coloured squares scattered over the image mean the model does not use "
-        "its caption at high noise yet: train longer. If the trainer warned at step 0 that the "
-        "latents' std is far from `diffusion.sigma_data`, fix the scale first (docs/demo_experiments.md).", "",
+        "- Token-sized (4 x 4 px) coloured squares scattered over the image mean the model does not "
+        "use its caption at high noise yet (it knows the colour, not the place): "
+        "`python -m benches.demo_experiments --probe RUN/checkpoints/step_NNNNNNNN.pt` shows it (rel mse "
+        "near 1 at sigma 40). Train longer, or without masking (`diffusion.mask_ratio=0`), which "
+        "learns the layout sooner. If the trainer warned at step 0 that the latents' std is far "
+        "from `diffusion.sigma_data`, fix the scale first.", "",
         "## Going further", "",
         "- More steps: `microdit demo --steps 4000` (or `microdit train --config demo --steps 4000 "
         "--out runs/longer`); shapes get cleaner and counting/attribution improve.",
@@ -129,7 +131,7 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         "- Your own images: a folder of images with a `.txt` caption beside each, then "
         "`microdit prepare FOLDER OUT --resolution 32 --codec pixels:2:S` and "
         "`microdit train --data OUT --out runs/mine`. Choose S so that the latents' std is about 0.9 "
-        "(S = 0.9 / std of the images in [-1, 1]: 3.5 for the grey Shapes, 1 for black-and-white "
+        "(S = 0.9 / std of the images in [-1, 1]: 5 for the demo's grey Shapes, 1 for black-and-white "
         "images); the trainer's step-0 warning tells you the value. `microdit sample runs/mine "
         "\"your prompt\" --ema --out samples/` draws from it.",
     ]
