@@ -142,6 +142,15 @@ def _place(rng: np.random.Generator, position: str, extent: float) -> tuple[floa
     return cx, cy
 
 
+def background_choices(background_colors: Sequence[str] | None = None) -> list[str]:
+    """The background colour names to draw from (default: all of BACKGROUND_COLORS), checked."""
+    backgrounds = list(BACKGROUND_COLORS) if background_colors is None else list(background_colors)
+    if not backgrounds or any(b not in BACKGROUND_COLORS for b in backgrounds):
+        raise ValueError(f"background colours must be a non-empty list of {tuple(BACKGROUND_COLORS)}, "
+                         f"got {background_colors!r}")
+    return backgrounds
+
+
 def sample_scene(rng: np.random.Generator, max_objects: int = 2, textured_fraction: float = 0.3,
                  num_objects: int | None = None, repeat_prob: float = 0.2,
                  background_colors: Sequence[str] | None = None) -> Scene:
@@ -149,11 +158,7 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 2, textured_fracti
 
     background_colors: the background colours to draw from (default: all of BACKGROUND_COLORS).
     """
-    backgrounds = list(BACKGROUND_COLORS) if background_colors is None else list(background_colors)
-    unknown = [b for b in backgrounds if b not in BACKGROUND_COLORS]
-    if not backgrounds or unknown:
-        raise ValueError(f"background colours must be a non-empty list of {tuple(BACKGROUND_COLORS)}, "
-                         f"got {background_colors!r}")
+    backgrounds = background_choices(background_colors)
     if not 1 <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}")
     n = int(rng.integers(1, max_objects + 1)) if num_objects is None else num_objects
@@ -335,8 +340,7 @@ class ShapesDataset:
             raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
         self.num, self.resolution, self.seed = num, resolution, seed
         self.max_objects, self.textured_fraction = max_objects, textured_fraction
-        self.background_colors = None if background_colors is None else tuple(background_colors)
-        sample_scene(np.random.default_rng(0), background_colors=self.background_colors)  # checks the names
+        self.background_colors = None if background_colors is None else tuple(background_choices(background_colors))
 
     def __len__(self) -> int:
         return self.num
