@@ -122,7 +122,7 @@ def rescore(name: str, checkpoint: str, overrides: list[str], prompts: int) -> d
     # Our own experiment checkpoints (also those written before weights-only checkpoints).
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = MicroDiT(MicroDiTConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["ema"]["shadow"])
+    model.load_state_dict(state["ema"]["shadow"] if state.get("ema") else state["model"])  # raw where no EMA
     data_info = state["data_info"]
     t = time.perf_counter()
     scores = score(model, data_info, 0.9, sample, TrainSection(sample_steps=20, sample_guidance=3.0), prompts,
@@ -149,7 +149,7 @@ def probe(checkpoint: str, sigmas=(0.3, 1, 2, 5, 10, 40), num: int = 128, weight
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = MicroDiT(MicroDiTConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["ema"]["shadow"] if weights == "ema" else state["model"])
+    model.load_state_dict(state["ema"]["shadow"] if weights == "ema" and state.get("ema") else state["model"])  # raw weights where the run had no EMA
     model.eval()
     batch = next(ShardLoader(state["data_info"]["path"], num, seed=1, resolution=state["data_info"]["resolution"]))
     x0, y = batch["latents"], batch["caption_states"]
