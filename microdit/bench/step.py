@@ -3,6 +3,7 @@ for every (backends, compile, precision) configuration, side by side in one proc
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -206,10 +207,11 @@ def measure(spec: StepSpec, backends: str, mode: str, precision: str, peaks: dic
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        first = timing.wall_ms(lambda: trainer.step_once(batches), device, warmup=0, reps=1)[0]
-        timing.wall_ms(lambda: trainer.step_once(batches), device, warmup=max(spec.warmup - 1, 0), reps=0)
+        step = functools.partial(trainer.step_once, batches)  # one training step (bound: see `del` below)
+        first = timing.wall_ms(step, device, warmup=0, reps=1)[0]
+        timing.wall_ms(step, device, warmup=max(spec.warmup - 1, 0), reps=0)
         warm_s = time.perf_counter() - t0
-        times = timing.wall_ms(lambda: trainer.step_once(batches), device, warmup=0, reps=spec.steps)
+        times = timing.wall_ms(step, device, warmup=0, reps=spec.steps)
         mem, mem_kind = peak_memory_gib(device)
         scopes = profile.module_scopes(trainer.raw) if mode == "eager" else contextlib.nullcontext()
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
@@ -217,14 +219,14 @@ def measure(spec: StepSpec, backends: str, mode: str, precision: str, peaks: dic
         with scopes, torch.profiler.profile(activities=acts, record_shapes=True) as prof:
             for _ in range(spec.profile_steps):
                 with torch.profiler.record_function(profile.STEP_SCOPE):
-                    trainer.step_once(batches)
+                    step()
                 timing.sync(device)
         cats = profile.categorize(prof.events(), device.type, profile.expert_weight_shapes(trainer.raw))
         chosen = trainer.raw.ops.backends()  # op -> the explicit backend, None where automatic
         flops = trainer.flops
         params = trainer.raw.num_parameters()
         trainer.lock.release()  # the run lock on the (temporary) output directory; `run` would release it
-        del trainer, prof
+        del trainer, prof, step  # free the model and its optimizer before the next configuration
     med = statistics.median(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [med, med, med]
     ips = spec.micro_batch / (med / 1e3)
