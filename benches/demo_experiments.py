@@ -2,7 +2,7 @@
 
 Each experiment is the demo config plus `key=value` overrides (the trainer's config keys), trained
 on shards prepared once and shared by every run, then sampled with the EMA weights and scored on
-`--prompts` ShapesEval prompts. Sampler settings are experiment settings too: `sample.sigma_max=`,
+`--prompts` ShapesEval prompts. Sampler settings are experiment settings too: `sample.sigma_max=`, `sample.churn=` (EDM's stochastic sampler),
 `sample.rho=`, `sample.steps=`, `sample.guidance=`. One JSON line per experiment is appended to
 `--results`; `--table` prints them as the markdown table of docs/demo_experiments.md.
 
@@ -103,7 +103,8 @@ def score(model, data_info: dict, sigma_data: float, sample: dict, train, prompt
             states, _ = text_encoder.encode(chunk)
             noise = torch.randn(len(chunk), c.in_channels, c.input_size, c.input_size,
                                 generator=torch.Generator().manual_seed(s))
-            z = edm.sample(model, noise, states, steps=n_steps, guidance=guidance, config=ecfg)
+            z = edm.sample(model, noise, states, steps=n_steps, guidance=guidance, config=ecfg,
+                           churn=sample.get("churn", 0.0), generator=torch.Generator().manual_seed(10_000 + s))
             images.append(codec.decode(z).numpy())
     images = np.concatenate(images)
     save_grid(images[:48], Path(out) / "eval_grid.png", nrow=12)

@@ -142,15 +142,28 @@ def sigma_steps(steps: int, config: EDMConfig = DEFAULT, device=None) -> torch.T
 
 @torch.no_grad()
 def sample(model, noise, y, *, steps: int = 30, guidance: float = 5.0, config: EDMConfig = DEFAULT,
-           callback=None):
-    """Deterministic EDM Heun sampler from unit-variance `noise`; returns the final latents (float32).
+           callback=None, churn: float = 0.0, churn_sigmas: tuple[float, float] = (0.05, 50.0),
+           churn_noise: float = 1.003, generator: torch.Generator | None = None):
+    """EDM Heun sampler from unit-variance `noise`; returns the final latents (float32).
 
     The loop state is float64; network calls are float32. The step into sigma 0 is Euler.
+    `churn` > 0 is EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): at each step with
+    sigma in `churn_sigmas`, noise is first raised by the factor 1 + min(churn / steps, sqrt(2) - 1)
+    with fresh noise (scaled by `churn_noise`) drawn from `generator`, which corrects some of an
+    imperfect denoiser's errors; 0 (the default) is the deterministic sampler, exactly.
     """
+    if churn < 0:
+        raise ValueError(f"churn must be >= 0, got {churn}")
     t_steps = sigma_steps(steps, config, noise.device)
     x_next = noise.to(torch.float64) * t_steps[0]
+    gamma_max = min(churn / steps, 2**0.5 - 1)
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
+        if churn > 0 and churn_sigmas[0] <= t_cur <= churn_sigmas[1]:
+            t_hat = t_cur * (1 + gamma_max)
+            eps = torch.randn(x_cur.shape, generator=generator, device=x_cur.device, dtype=torch.float32)
+            x_cur = x_cur + (t_hat**2 - t_cur**2).sqrt() * churn_noise * eps.to(torch.float64)
+            t_cur = t_hat
         d_cur = (x_cur - _denoise64(model, x_cur, t_cur, y, guidance, config)) / t_cur
         x_next = x_cur + (t_next - t_cur) * d_cur
         if i < steps - 1:
