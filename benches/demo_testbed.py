@@ -142,13 +142,14 @@ class TokenMLP(nn.Module):
         return F.pixel_shuffle(self.out(h), self.patch)
 
 
-def build(kind: str, images: torch.Tensor) -> nn.Module:
+def build(kind: str, images: torch.Tensor, overrides: dict | None = None) -> nn.Module:
     if kind == "oracle":
         return Oracle(images)
     if kind == "microdit":
         import microdit
 
-        return microdit.create_model("MicroDiT_Micro_2", in_channels=images.shape[1], input_size=images.shape[2])
+        return microdit.create_model("MicroDiT_Micro_2", in_channels=images.shape[1], input_size=images.shape[2],
+                                     **(overrides or {}))
     if kind == "plain":
         return PlainDiT(images.shape[1])
     if kind == "token-mlp":
@@ -157,17 +158,20 @@ def build(kind: str, images: torch.Tensor) -> nn.Module:
 
 
 def run(kind: str, steps: int, batch: int, lr: float, mask_ratio: float, P_mean: float, P_std: float,
-        seed: int, out: str | None) -> dict:
+        seed: int, out: str | None, overrides: dict | None = None, seconds: float | None = None) -> dict:
     torch.manual_seed(seed)
     images = templates()
-    model = build(kind, images)
+    model = build(kind, images, overrides)
     config = edm.EDMConfig(P_mean=P_mean, P_std=P_std)
     caption = torch.zeros(batch, 1, 384)  # unconditional: MicroDiT's caption path gets zeros
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     if kind != "oracle":
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        for _ in range(steps):
+        for done in range(steps):
+            if seconds is not None and time.perf_counter() - t0 > seconds:
+                steps = done  # the time budget ran out first
+                break
             x0 = images[torch.randint(0, len(images), (batch,), generator=g)]
             step = edm.draw_step(batch, x0.shape[1:], patch_size=2, mask_ratio=mask_ratio, generator=g)
             loss = edm.loss(model, x0, caption, step=step, config=config)
@@ -181,7 +185,8 @@ def run(kind: str, steps: int, batch: int, lr: float, mask_ratio: float, P_mean:
     x0 = images[torch.randint(0, len(images), (64,), generator=ge)]
     base = ((x0 - images.mean(0, keepdim=True)) ** 2).mean().item()
     result = {"model": kind, "steps": 0 if kind == "oracle" else steps, "batch": batch, "lr": lr,
-              "mask_ratio": mask_ratio, "P_mean": P_mean, "P_std": P_std, "train_s": round(train_s, 1)}
+              "mask_ratio": mask_ratio, "P_mean": P_mean, "P_std": P_std, "train_s": round(train_s, 1),
+              "overrides": overrides or {}, "parameters": sum(p.numel() for p in model.parameters())}
     with torch.no_grad():
         y = torch.zeros(64, 1, 384)
         for sigma in SIGMAS:
@@ -223,10 +228,17 @@ def main(argv=None) -> int:
     p.add_argument("--P-mean", type=float, default=1.0)
     p.add_argument("--P-std", type=float, default=1.6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seconds", type=float, help="stop training after this many seconds (equal-compute runs)")
     p.add_argument("--out", help="write the 16-sample grid here (png)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="MicroDiTConfig fields for --model microdit, e.g. dim=192 patch_mixer_dim=128")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    print(json.dumps(run(a.model, a.steps, a.batch, a.lr, a.mask_ratio, a.P_mean, a.P_std, a.seed, a.out)))
+    overrides = {}
+    for o in a.overrides:
+        key, _, value = o.partition("=")
+        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+    print(json.dumps(run(a.model, a.steps, a.batch, a.lr, a.mask_ratio, a.P_mean, a.P_std, a.seed, a.out, overrides, a.seconds)))
     return 0
 
 
