@@ -123,7 +123,8 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         "from `diffusion.sigma_data`, fix the scale first.", "",
         "## Going further", "",
         "- More steps: `microdit demo --steps 4000` (or `microdit train --config demo --steps 4000 "
-        "--out runs/longer`); shapes get cleaner and counting/attribution improve.",
+        "--out runs/longer`); the denoiser keeps improving (on the one-square testbed of "
+        "docs/demo_experiments.md, four times the images turned scattered pieces into one object in one place).",
         "- A bigger model: `microdit train --config demo model.preset=MicroDiT_Tiny_2 --out runs/tiny` "
         "(tens of times the compute per step: a GPU job).",
         "- A GPU: the same commands use it when one is visible (bf16 autocast); raise "
