@@ -2,8 +2,9 @@
 
 Each experiment is the demo config plus `key=value` overrides (the trainer's config keys), trained
 on shards prepared once and shared by every run, then sampled with the EMA weights and scored on
-`--prompts` ShapesEval prompts. Sampler settings are experiment settings too: `sample.sigma_max=`, `sample.churn=` (EDM's stochastic sampler),
-`sample.rho=`, `sample.steps=`, `sample.guidance=`. One JSON line per experiment is appended to
+`--prompts` ShapesEval prompts. Sampler settings are experiment settings too: `sample.sigma_max=`,
+`sample.rho=`, `sample.steps=`, `sample.guidance=`, `sample.churn=` (EDM's stochastic sampler).
+One JSON line per experiment is appended to
 `--results`; `--table` prints them as the markdown table of docs/demo_experiments.md.
 
     python -m benches.demo_experiments --name base --steps 400
@@ -150,7 +151,8 @@ def probe(checkpoint: str, sigmas=(0.3, 1, 2, 5, 10, 40), num: int = 128, weight
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = MicroDiT(MicroDiTConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["ema"]["shadow"] if weights == "ema" and state.get("ema") else state["model"])  # raw weights where the run had no EMA
+    use_ema = weights == "ema" and state.get("ema")  # raw weights where the run had no EMA
+    model.load_state_dict(state["ema"]["shadow"] if use_ema else state["model"])
     model.eval()
     batch = next(ShardLoader(state["data_info"]["path"], num, seed=1, resolution=state["data_info"]["resolution"]))
     x0, y = batch["latents"], batch["caption_states"]

@@ -238,7 +238,8 @@ def main(argv=None) -> int:
     for o in a.overrides:
         key, _, value = o.partition("=")
         overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
-    print(json.dumps(run(a.model, a.steps, a.batch, a.lr, a.mask_ratio, a.P_mean, a.P_std, a.seed, a.out, overrides, a.seconds)))
+    print(json.dumps(run(a.model, a.steps, a.batch, a.lr, a.mask_ratio, a.P_mean, a.P_std, a.seed, a.out,
+                         overrides, a.seconds)))
     return 0
 
 

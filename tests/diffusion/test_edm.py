@@ -6,6 +6,7 @@ import torch
 
 import microdit
 from microdit import edm
+from benches.demo_testbed import Oracle
 from microdit.ops.keep_indices import keep_indices
 
 
@@ -83,24 +84,6 @@ def test_sampler_deterministic_and_guidance(model):
     torch.testing.assert_close(one, expect, rtol=1e-5, atol=1e-5)
 
 
-class ExactDenoiser(torch.nn.Module):
-    """The exact posterior-mean denoiser of a finite dataset (uniform over `images`), written as
-    the network F that edm.denoise wraps: F = (D - c_skip x) / c_out on the un-scaled input."""
-
-    def __init__(self, images: torch.Tensor, sigma_data: float):
-        super().__init__()
-        self.images, self.sigma_data = images.double().flatten(1), sigma_data
-
-    def forward(self, x_in, c_noise, y, guidance=1.0, **kw):
-        sigma = (c_noise.double() * 4).exp().reshape(-1, 1)  # c_noise = log(sigma) / 4
-        if sigma.shape[0] == 1:
-            sigma = sigma.expand(x_in.shape[0], 1)
-        c_skip, c_out, c_in, _ = edm.precondition(sigma, self.sigma_data)
-        x = x_in.double().flatten(1) / c_in
-        w = torch.softmax(-torch.cdist(x, self.images) ** 2 / (2 * sigma**2), dim=1)  # posterior over images
-        return ((w @ self.images - c_skip * x) / c_out).view_as(x_in).to(x_in.dtype)
-
-
 def test_sampler_with_the_exact_denoiser_draws_dataset_images():
     """Given the ideal denoiser, the Heun sampler must end on the dataset's images themselves: one
     coherent object each, not a mixture of token-sized pieces (issue 14's blotchy samples are the
@@ -113,7 +96,7 @@ def test_sampler_with_the_exact_denoiser_draws_dataset_images():
                 img[:, y0:y0 + 4, x0:x0 + 4] = colour[:, None, None]
                 scenes.append(img)
     images = torch.stack(scenes)  # (45, 3, 8, 8)
-    oracle = ExactDenoiser(images, sigma_data=0.9)
+    oracle = Oracle(images, sigma_data=0.9)  # the exact posterior mean over `images`
     noise = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     out = edm.sample(oracle, noise, None, steps=20, guidance=1.0)
     dist = torch.cdist(out.double().flatten(1), images.double().flatten(1))  # (24, 45)
