@@ -165,6 +165,7 @@ def run(kind: str, steps: int, batch: int, lr: float, mask_ratio: float, P_mean:
     config = edm.EDMConfig(P_mean=P_mean, P_std=P_std)
     caption = torch.zeros(batch, 1, 384)  # unconditional: MicroDiT's caption path gets zeros
     g = torch.Generator().manual_seed(seed)
+    patch = getattr(getattr(model, "config", None), "patch_size", 2)
     t0 = time.perf_counter()
     if kind != "oracle":
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -173,7 +174,7 @@ def run(kind: str, steps: int, batch: int, lr: float, mask_ratio: float, P_mean:
                 steps = done  # the time budget ran out first
                 break
             x0 = images[torch.randint(0, len(images), (batch,), generator=g)]
-            step = edm.draw_step(batch, x0.shape[1:], patch_size=2, mask_ratio=mask_ratio, generator=g)
+            step = edm.draw_step(batch, x0.shape[1:], patch_size=patch, mask_ratio=mask_ratio, generator=g)
             loss = edm.loss(model, x0, caption, step=step, config=config)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -33,3 +33,12 @@ def test_scattered_fraction_flags_token_sized_pieces():
     pieces[:, :, 28:32, 0:4] = 1.0  # two 4 x 4 px squares away from the object
     pieces[:, :, 0:4, 28:32] = 1.0
     assert abs(tb.scattered_fraction(pieces) - 32 / (144 + 32)) < 0.02
+
+
+def test_run_masks_on_the_models_own_patch_grid():
+    # patch_size=4 has 16 tokens: masking must draw its keep indices on that grid, not on the
+    # 64-token grid of patch 2 (which would index past the model's tokens).
+    result = tb.run("microdit", steps=1, batch=2, lr=1e-3, mask_ratio=0.5, P_mean=1.0, P_std=1.6, seed=0,
+                    out=None, overrides={"patch_size": 4, "dim": 32, "patch_mixer_dim": 32, "head_dim": 16,
+                                         "depth": 2, "patch_mixer_depth": 1})
+    assert result["steps"] == 1 and result["overrides"]["patch_size"] == 4
