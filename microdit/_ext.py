@@ -275,3 +275,99 @@ def supports(device_type: str):
             reasons.append(f"dtype {x.dtype} not supported (supported: fp32, fp16, bf16, fp64)")
         return reasons
     return check
+
+
+# ---------------------------------------------------------------- cuBLASLt expert GEMMs
+# The `cublaslt` MoE backend's two GEMMs with the GELU (tanh form) in the epilogue; see
+# csrc/moe/moe_cublaslt.h. cuBLASLt is opened by the extension at first use, not linked.
+LT_DTYPES = (torch.float16, torch.bfloat16)
+# cuBLASLt's workspace: what it recommends on Hopper (32 MiB), 4 MiB before.
+_LT_WORKSPACE = {9: 32 << 20}
+
+
+def cublaslt_reasons() -> list[str]:
+    """Why the extension cannot run cuBLASLt here: no extension, or libcublasLt not loadable."""
+    ext = extension()
+    if not ext:
+        return [repr(ext)]
+    error = ext.cublaslt_load_error()
+    return [error] if error else []
+
+
+def _alignment(*tensors: torch.Tensor) -> int:
+    """The largest power of two <= 256 dividing every tensor's address, in bytes."""
+    align = 256
+    for t in tensors:
+        while t.data_ptr() % align:
+            align //= 2
+    return align
+
+
+def _check_lt(name: str, t, shape: tuple[int, ...], ref: torch.Tensor) -> None:
+    _check_tensor(name, t, 3, ref.device)
+    if tuple(t.shape) != shape or t.dtype != ref.dtype:
+        _fail(name, f"shape {shape} and dtype {ref.dtype}", f"shape {tuple(t.shape)} and dtype {t.dtype}")
+
+
+def _lt_call(fn_name: str, ref: torch.Tensor, ptrs: tuple[int, ...], sizes: tuple[int, ...], align: int) -> None:
+    device = ref.device
+    if device.type != "cuda":
+        _fail("x", "a CUDA tensor (cuBLASLt runs on the GPU)", device)
+    reasons = cublaslt_reasons()
+    if reasons:
+        raise RuntimeError(f"{fn_name}: cannot run: " + "; ".join(reasons))
+    with torch.cuda.device(device):
+        major = torch.cuda.get_device_capability(device)[0]
+        ws_bytes = _LT_WORKSPACE.get(major, 4 << 20)
+        workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        getattr(extension(), fn_name)(*ptrs, *sizes, DTYPE_CODES[ref.dtype], torch.cuda.current_device(), align,
+                                      workspace.data_ptr(), ws_bytes, stream)
+
+
+def _check_lt_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in LT_DTYPES:
+        _fail(name, "dtype float16 or bfloat16 (cuBLASLt's GELU epilogue is the tanh form, exact only to "
+                    "their rounding)", t.dtype)
+
+
+def moe_gemm_gelu_aux(x: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (E, M, K), w1 (E, K, N) -> (gelu_tanh(x @ w1), x @ w1), both (E, M, N): one cuBLASLt GEMM
+    with the GELU in its epilogue, which also writes the pre-activation for the backward."""
+    _check_tensor("x", x, 3)
+    _check_lt_dtype("x", x)
+    E, M, K = x.shape
+    _check_tensor("w1", w1, 3, x.device)
+    if w1.dtype != x.dtype or w1.shape[:2] != (E, K):
+        _fail("w1", f"shape (E={E}, K={K}, N) and dtype {x.dtype}", f"shape {tuple(w1.shape)} and dtype {w1.dtype}")
+    N = w1.shape[2]
+    out = torch.empty(E, M, N, dtype=x.dtype, device=x.device)
+    aux = torch.empty_like(out)
+    _lt_call("moe_gemm_gelu_aux_lt", x, (x.data_ptr(), w1.data_ptr(), out.data_ptr(), aux.data_ptr()),
+             (E, M, K, N), _alignment(x, w1, out, aux))
+    return out, aux
+
+
+def moe_gemm_dgelu(dy: torch.Tensor, w2: torch.Tensor, aux: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """dy (E, M, K), w2 (E, N, K), aux (E, M, N) -> (dy @ w2^T) * gelu_tanh'(aux), (E, M, N), in
+    `out` when given (it may be a buffer no other argument shares): the GELU's backward in the
+    GEMM's epilogue."""
+    _check_tensor("dy", dy, 3)
+    _check_lt_dtype("dy", dy)
+    E, M, K = dy.shape
+    _check_tensor("w2", w2, 3, dy.device)
+    if w2.dtype != dy.dtype or w2.shape[0] != E or w2.shape[2] != K:
+        _fail("w2", f"shape (E={E}, N, K={K}) and dtype {dy.dtype}", f"shape {tuple(w2.shape)} and dtype {w2.dtype}")
+    N = w2.shape[1]
+    _check_lt("aux", aux, (E, M, N), dy)
+    if out is None:
+        out = torch.empty(E, M, N, dtype=dy.dtype, device=dy.device)
+    else:
+        _check_lt("out", out, (E, M, N), dy)
+        shared = [n for n, t in (("dy", dy), ("w2", w2), ("aux", aux))
+                  if t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()]
+        if shared:
+            _fail("out", "a buffer of its own", f"one that shares memory with {', '.join(shared)}")
+    _lt_call("moe_gemm_dgelu_lt", dy, (dy.data_ptr(), w2.data_ptr(), aux.data_ptr(), out.data_ptr()),
+             (E, M, K, N), _alignment(dy, w2, aux, out))
+    return out

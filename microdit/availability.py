@@ -50,7 +50,8 @@ def _import(name: str, hint: str):
 # What microdit/_ext.py calls: a microdit._C built from older sources (before an entry point was
 # added or renamed) is reported as missing, with the fix, instead of failing at first use.
 EXTENSION_ENTRY_POINTS = ("build_info", "mask_tokens_cpu", "unmask_tokens_cpu", "moe_inverse_cpu", "moe_dispatch_cpu",
-                          "moe_combine_cpu", "moe_combine_backward_cpu", "moe_gelu_cpu")
+                          "moe_combine_cpu", "moe_combine_backward_cpu", "moe_gelu_cpu",
+                          "cublaslt_load_error", "cublaslt_version", "moe_gemm_gelu_aux_lt", "moe_gemm_dgelu_lt")
 
 
 def check_entry_points(mod, name: str = "microdit._C"):

@@ -12,6 +12,9 @@ inv (B, T, E) (each token sums its experts' rows in expert order; no atomics):
   torch   index_select / batched matmuls / index_add_ (atomics on CUDA)
   cpp     microdit._C kernels (OpenMP) between MKL GEMMs; one autograd node for the layer
   cuda    the same kernels on the GPU, between cuBLAS GEMMs
+  cublaslt  the cuda backend with the GELU in the expert GEMMs' cuBLASLt epilogues (GELU_AUX
+          forward, DGELU backward); that GELU is the tanh form, so bf16/fp16 only, and chosen
+          only when asked for (the default stays the published exact GELU)
   triton  kernels/moe.py: router, grouped GEMMs with the dispatch and GELU fused
 """
 from __future__ import annotations
@@ -178,6 +181,62 @@ def _(h):
     return torch.empty_like(h)
 
 
+# ---------------------------------------------------------------- cuBLASLt epilogues
+# The expert FFN's first GEMM with the GELU in its epilogue (which also writes the
+# pre-activation), and the backward's GEMM with the GELU's derivative in its epilogue (reading
+# it). cuBLASLt's GELU is the tanh form. It differs from the published exact GELU by at most
+# TANH_GELU_MAX_ERROR in absolute terms (at |x| ~ 2.7; its derivative by 8.7e-4, at x ~ -2.0).
+# That is far inside bf16's rounding of activations of size 1-3 (4e-3 to 8e-3), which is the
+# scale of the next GEMM's inputs, but it is not one rounding of every output: gelu(-2.7) =
+# -0.0094 comes out 5% off. Hence bf16/fp16 only, and only when asked for. On the CPU the two
+# ops compute the same in torch (float32, then rounded as the epilogue rounds): what the CPU
+# tests of the layer run, and what the GPU check compares cuBLASLt with.
+TANH_GELU_MAX_ERROR = 4.8e-4  # max |gelu_tanh(x) - gelu(x)| over all x: 4.73e-4, at |x| = 2.699
+
+
+def _epilogue_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # float32 as cuBLASLt; float64 kept for tests
+
+
+def gemm_gelu_aux_emulated(x: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gelu_tanh(x @ w1), x @ w1) with float32 accumulation and epilogue, rounded to x's dtype."""
+    acc = _epilogue_dtype(x)
+    pre = torch.bmm(x.to(acc), w1.to(acc))
+    return F.gelu(pre, approximate="tanh").to(x.dtype), pre.to(x.dtype)
+
+
+def gemm_dgelu_emulated(dy: torch.Tensor, w2: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    """(dy @ w2^T) * gelu_tanh'(aux), in float32, rounded to dy's dtype."""
+    acc = _epilogue_dtype(dy)
+    g = torch.bmm(dy.to(acc), w2.to(acc).transpose(1, 2))
+    return torch.ops.aten.gelu_backward(g, aux.to(acc), approximate="tanh").to(dy.dtype)
+
+
+@torch.library.custom_op("microdit::moe_gemm_gelu_aux", mutates_args=())
+def moe_gemm_gelu_aux_ext(x: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (E, M, d), w1 (E, d, hidden) -> (gelu_tanh(x @ w1), x @ w1), each (E, M, hidden)."""
+    if x.device.type == "cuda":
+        return _ext.moe_gemm_gelu_aux(x.contiguous(), w1.contiguous())
+    return gemm_gelu_aux_emulated(x, w1)
+
+
+@moe_gemm_gelu_aux_ext.register_fake
+def _(x, w1):
+    out = x.new_empty(x.shape[0], x.shape[1], w1.shape[2])
+    return out, torch.empty_like(out)
+
+
+@torch.library.custom_op("microdit::moe_gemm_dgelu_", mutates_args=("out",))
+def moe_gemm_dgelu_ext_(dy: torch.Tensor, w2: torch.Tensor, aux: torch.Tensor, out: torch.Tensor) -> None:
+    """out = (dy @ w2^T) * gelu_tanh'(aux): dy (E, M, d), w2 (E, hidden, d), aux and out (E, M, hidden)."""
+    if not out.is_contiguous():
+        raise ValueError("moe_gemm_dgelu_: out must be contiguous (it is written in place)")
+    if dy.device.type == "cuda":
+        _ext.moe_gemm_dgelu(dy.contiguous(), w2.contiguous(), aux.contiguous(), out)
+    else:
+        out.copy_(gemm_dgelu_emulated(dy, w2, aux))
+
+
 class _MoEExt(torch.autograd.Function):
     """The whole layer with a hand-written backward (the compiled kernels between torch GEMMs).
 
@@ -186,31 +245,44 @@ class _MoEExt(torch.autograd.Function):
     erf), the activation's buffer is reused for its own gradient, and the router's backward is
     a sparse scatter plus two small GEMMs. Reusing the saved activation means a second backward
     through the same graph fails (autograd's version check) instead of computing garbage.
+
+    With `epilogue` the GELU runs in the GEMMs' cuBLASLt epilogues instead (tanh form): the
+    forward saves the pre-activation the epilogue wrote, and the backward's GEMM applies the
+    derivative from it, so neither pass has an elementwise kernel of its own.
     """
 
     @staticmethod
-    def forward(ctx, x, gate_weight, w1, w2, k):
+    def forward(ctx, x, gate_weight, w1, w2, k, epilogue=False):
         B, T, d = x.shape
         E = w1.shape[0]
         probs, gates, idx = route(x, gate_weight, k)  # (B, T, E), (B, E, k), (B, E, k)
         inv = moe_inverse_ext(idx, T)  # (B, T, E)
         xin = moe_dispatch_ext(x, idx, inv).view(E, B * k, d)  # (E, B*k, d)
-        act = torch.bmm(xin, w1)  # (E, B*k, hidden), pre-activation
-        dgelu = moe_gelu_ext_(act)  # act is now gelu(pre-activation); dgelu its derivative
+        if epilogue:
+            act, slope = moe_gemm_gelu_aux_ext(xin, w1)  # gelu_tanh(pre-activation); slope: the pre-activation
+        else:
+            act = torch.bmm(xin, w1)  # (E, B*k, hidden), pre-activation
+            slope = moe_gelu_ext_(act)  # act is now gelu(pre-activation); slope its derivative
         y = torch.bmm(act, w2).view(E, B, k, d)  # (E, B, k, d)
-        ctx.save_for_backward(x, gate_weight, w1, w2, probs, gates, idx, inv, xin, act, dgelu, y)
+        ctx.save_for_backward(x, gate_weight, w1, w2, probs, gates, idx, inv, xin, act, slope, y)
+        ctx.epilogue = epilogue
         return moe_combine_ext(y, gates, idx, inv)  # (B, T, d)
 
     @staticmethod
     def backward(ctx, grad):
-        x, gate_weight, w1, w2, probs, gates, idx, inv, xin, act, dgelu, y = ctx.saved_tensors
+        x, gate_weight, w1, w2, probs, gates, idx, inv, xin, act, slope, y = ctx.saved_tensors
         B, T, d = x.shape
         E, _, k, _ = y.shape
-        need_x, need_gate, need_w1, need_w2, _ = ctx.needs_input_grad
+        need_x, need_gate, need_w1, need_w2 = ctx.needs_input_grad[:4]
         dy, dgates = moe_combine_backward_ext(grad.contiguous(), y, gates, idx)  # (E, B, k, d), (B, E, k)
         dy = dy.view(E, B * k, d)
         dw2 = torch.bmm(act.transpose(1, 2), dy) if need_w2 else None  # (E, hidden, d)
-        dh = torch.bmm(dy, w2.transpose(1, 2), out=act).mul_(dgelu)  # (E, B*k, hidden), in act's buffer
+        # (E, B*k, hidden), in act's buffer
+        if ctx.epilogue:
+            moe_gemm_dgelu_ext_(dy, w2, slope, act)
+            dh = act
+        else:
+            dh = torch.bmm(dy, w2.transpose(1, 2), out=act).mul_(slope)
         dw1 = torch.bmm(xin.transpose(1, 2), dh) if need_w1 else None  # (E, d, hidden)
         dx = dgate = None
         if need_x or need_gate:
@@ -224,7 +296,7 @@ class _MoEExt(torch.autograd.Function):
                 dxin = torch.bmm(dh, w1.transpose(1, 2)).view(E, B, k, d)  # (E, B, k, d)
                 dx = moe_combine_ext(dxin, None, idx, inv)  # (B, T, d)
                 dx.view(B * T, d).addmm_(dlogits, gate_weight)
-        return dx, dgate, dw1, dw2, None
+        return dx, dgate, dw1, dw2, None, None
 
 
 def _common_dtype(x, gate_weight, w1, w2):
@@ -246,6 +318,38 @@ def moe_ext(x, gate_weight, w1, w2, capacity):
 
 moe_op.register("cuda", 30, extension_cuda_reasons, _ext.supports("cuda"))(moe_ext)
 moe_op.register("cpp", 20, extension_reasons, _ext.supports("cpu"))(moe_ext)
+
+
+def moe_ext_epilogue(x, gate_weight, w1, w2, capacity):
+    """moe_ext with the GELU (tanh form) in the expert GEMMs' cuBLASLt epilogues."""
+    k = expert_capacity(x.shape[1], w1.shape[0], capacity)
+    args = _common_dtype(x, gate_weight, w1, w2)
+    with torch.autocast(x.device.type, enabled=False):
+        return _MoEExt.apply(*args, k, True)
+
+
+def _cublaslt_reasons() -> list[str]:
+    return extension_cuda_reasons() + _ext.cublaslt_reasons()
+
+
+def _cublaslt_supports(x, gate_weight, w1, w2, capacity) -> list[str]:
+    reasons = []
+    if x.device.type != "cuda":
+        reasons.append(f"tensor on {x.device.type}, this backend runs on cuda")
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if dtype not in _ext.LT_DTYPES:
+        reasons.append(f"computes in {dtype}: cuBLASLt's GELU epilogue is the tanh form, up to "
+                       f"{TANH_GELU_MAX_ERROR} from the published GELU, inside the rounding of bf16 and fp16 "
+                       "activations only (use bf16 autocast, or the exact `cuda` backend)")
+    if w1.shape[-1] % 8:
+        reasons.append(f"hidden size {w1.shape[-1]} is not a multiple of 8 (the epilogue buffer's stride)")
+    return reasons
+
+
+# Below `cuda`: chosen only when asked for (backend="cublaslt" or MICRODIT_BACKEND=moe=cublaslt),
+# since its GELU is not the published one and no GPU run has yet measured it against `cuda`.
+moe_op.register("cublaslt", 28, _cublaslt_reasons, _cublaslt_supports)(moe_ext_epilogue)
 
 
 def expert_choice_moe(x, gate_weight, w1, w2, capacity: float, backend=None) -> torch.Tensor:
