@@ -134,12 +134,21 @@ def _separated(a: tuple[float, float, float], b: tuple[float, float, float]) -> 
     return abs(a[0] - b[0]) >= half or abs(a[1] - b[1]) >= half
 
 
-def _place(rng: np.random.Generator, position: str, extent: float) -> tuple[float, float]:
+def _place(rng: np.random.Generator, position: str, extent: float,
+           jitter: float = 1.0) -> tuple[float, float]:
     row, col = position_cell(position)
     lo, hi = EDGE_MARGIN + extent / 2, 1 - EDGE_MARGIN - extent / 2
-    cx = float(np.clip((col + 0.5) / 3 + rng.uniform(-CENTER_JITTER, CENTER_JITTER), lo, hi))
-    cy = float(np.clip((row + 0.5) / 3 + rng.uniform(-CENTER_JITTER, CENTER_JITTER), lo, hi))
+    j = CENTER_JITTER * jitter
+    cx = float(np.clip((col + 0.5) / 3 + rng.uniform(-j, j), lo, hi))
+    cy = float(np.clip((row + 0.5) / 3 + rng.uniform(-j, j), lo, hi))
     return cx, cy
+
+
+def _check_jitter(jitter: float) -> float:
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter must be in [0, 1] (a fraction of the default position and size "
+                         f"jitter), got {jitter!r}")
+    return float(jitter)
 
 
 def background_choices(background_colors: Sequence[str] | None = None) -> list[str]:
@@ -153,12 +162,17 @@ def background_choices(background_colors: Sequence[str] | None = None) -> list[s
 
 def sample_scene(rng: np.random.Generator, max_objects: int = 2, textured_fraction: float = 0.3,
                  num_objects: int | None = None, repeat_prob: float = 0.2,
-                 background_colors: Sequence[str] | None = None) -> Scene:
+                 background_colors: Sequence[str] | None = None, jitter: float = 1.0) -> Scene:
     """Random scene of 1..max_objects non-overlapping objects in distinct cells.
 
     background_colors: the background colours to draw from (default: all of BACKGROUND_COLORS).
+    jitter: the fraction of the default centre and size jitter (CENTER_JITTER, SIZE_JITTER) to
+    draw; 0 puts every object at its cell centre at its nominal size, so a plain-background
+    scene is fixed by its caption (pairs of large objects in neighbouring cells cannot then be
+    separated and are not drawn).
     """
     backgrounds = background_choices(background_colors)
+    jitter = _check_jitter(jitter)
     if not 1 <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}")
     n = int(rng.integers(1, max_objects + 1)) if num_objects is None else num_objects
@@ -173,10 +187,11 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 2, textured_fracti
         else:
             attrs = [(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(SIZES))
                      for _ in range(n)]
-        extents = [SIZE_SCALES[a[2]] * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER) for a in attrs]
+        sj = SIZE_JITTER * jitter
+        extents = [SIZE_SCALES[a[2]] * rng.uniform(1 - sj, 1 + sj) for a in attrs]
         # Retry only the jitter first, so neighbouring large objects are not starved.
-        for _ in range(20):
-            geoms = [(*_place(rng, POSITIONS[c], e), e) for c, e in zip(cells, extents)]
+        for _ in range(20 if jitter > 0 else 1):
+            geoms = [(*_place(rng, POSITIONS[c], e, jitter), e) for c, e in zip(cells, extents)]
             if all(_separated(geoms[i], geoms[j]) for i in range(n) for j in range(i)):
                 break
         else:
@@ -331,7 +346,8 @@ class ShapesDataset:
     """Captioned Shapes images; item i depends only on (seed, i), so any order or shard agrees."""
 
     def __init__(self, num: int, resolution: int = 32, seed: int = 0, max_objects: int = 2,
-                 textured_fraction: float = 0.3, background_colors: Sequence[str] | None = None):
+                 textured_fraction: float = 0.3, background_colors: Sequence[str] | None = None,
+                 jitter: float = 1.0):
         if num < 0:
             raise ValueError("num must be non-negative")
         if not 0.0 <= textured_fraction <= 1.0:
@@ -341,6 +357,7 @@ class ShapesDataset:
         self.num, self.resolution, self.seed = num, resolution, seed
         self.max_objects, self.textured_fraction = max_objects, textured_fraction
         self.background_colors = None if background_colors is None else tuple(background_choices(background_colors))
+        self.jitter = _check_jitter(jitter)
 
     def __len__(self) -> int:
         return self.num
@@ -352,7 +369,7 @@ class ShapesDataset:
         index %= self.num
         rng = np.random.default_rng([self.seed, index])
         return sample_scene(rng, self.max_objects, self.textured_fraction,
-                            background_colors=self.background_colors)
+                            background_colors=self.background_colors, jitter=self.jitter)
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)

@@ -219,7 +219,9 @@ def shapes_options(spec: str) -> dict:
     """ShapesDataset keyword arguments from a source spec `shapes:key=value,key=value`.
 
     Keys: `textured` (fraction of textured backgrounds, 0..1), `backgrounds` (background colour
-    names joined by `+`, e.g. `grey+slate`), `max_objects` (1..4). `shapes` alone: the defaults.
+    names joined by `+`, e.g. `grey+slate`), `max_objects` (1..4), `jitter` (the fraction of the
+    default position and size jitter, 0..1; 0 draws every object at its cell centre at its nominal
+    size). `shapes` alone: the defaults.
     """
     _, _, rest = spec.partition(":")
     out: dict = {}
@@ -234,8 +236,10 @@ def shapes_options(spec: str) -> dict:
                 out["background_colors"] = tuple(v.strip() for v in value.split("+"))
             elif key == "max_objects":
                 out["max_objects"] = int(value)
+            elif key == "jitter":
+                out["jitter"] = float(value)
             else:
-                raise ValueError("known keys: textured, backgrounds, max_objects")
+                raise ValueError("known keys: textured, backgrounds, max_objects, jitter")
         except ValueError as e:
             raise ValueError(f"source {spec!r}: bad option {part!r} ({e})") from None
     return out

@@ -27,6 +27,10 @@ class MicroDiTConfig:
     pos_interp_scale: float = 1.0
     norm_eps: float = 1e-6
     depth_init: bool = True  # scale output-projection init by block depth (spec 4b)
+    # The standard deviation of the published 0.02 inits (spec 4b), tuned for width 1024. Not a
+    # tensor of the model: only training from scratch reads it. Narrow models learn much faster
+    # with a larger one (docs/demo_experiments.md, fifth round).
+    init_std: float = 0.02
     qkv_multipliers: list[float] = field(default_factory=lambda: [1.0])
     ffn_multipliers: list[float] = field(default_factory=lambda: [4.0])
     use_patch_mixer: bool = True

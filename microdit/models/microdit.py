@@ -178,8 +178,12 @@ class MicroDiT(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self) -> "MicroDiT":
-        """Initialisation for training from scratch (spec 4b). All of it lives here."""
+        """Initialisation for training from scratch (spec 4b). All of it lives here; the
+        published 0.02 is `config.init_std`."""
         cfg = self.config
+        std = cfg.init_std
+        if not std > 0:
+            raise ValueError(f"init_std must be > 0, got {std!r}")
 
         def trunc(t, std):
             nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
@@ -194,28 +198,28 @@ class MicroDiT(nn.Module):
         nn.init.zeros_(self.x_embedder.proj.bias)
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1,
                     self.y_embedder.y_proj.fc2, self.pooled_y_emb_process.fc1, self.pooled_y_emb_process.fc2):
-            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.normal_(lin.weight, std=std)
 
         def init_block(blk, out_std):
             for lin in (blk.attn.qkv, blk.cross_attn.q_linear, blk.cross_attn.kv_linear):
-                trunc(lin.weight, 0.02)
+                trunc(lin.weight, std)
             trunc(blk.attn.proj.weight, out_std)
             trunc(blk.cross_attn.proj.weight, out_std)
             if isinstance(blk.mlp, ExpertChoiceMoE):
-                trunc(blk.mlp.gate.weight, 0.02)
-                trunc(blk.mlp.w1, 0.02)
+                trunc(blk.mlp.gate.weight, std)
+                trunc(blk.mlp.w1, std)
                 trunc(blk.mlp.w2, out_std)
             else:
-                trunc(blk.mlp.w1.weight, 0.02)
+                trunc(blk.mlp.w1.weight, std)
                 trunc(blk.mlp.w2.weight, out_std)
                 trunc(blk.mlp.w3.weight, out_std)
             nn.init.zeros_(blk.adaLN_modulation[-1].weight)
             nn.init.zeros_(blk.adaLN_modulation[-1].bias)
 
         for i, blk in enumerate(self.blocks):
-            init_block(blk, 0.02 / math.sqrt(2 * (i + 1)) if cfg.depth_init else 0.02)
+            init_block(blk, std / math.sqrt(2 * (i + 1)) if cfg.depth_init else std)
         for blk in getattr(self, "patch_mixer", []):
-            init_block(blk, 0.02 / math.sqrt(2 * cfg.depth) if cfg.depth_init else 0.02)
+            init_block(blk, std / math.sqrt(2 * cfg.depth) if cfg.depth_init else std)
         nn.init.zeros_(self.y_emb_preprocess.attn.proj.weight)
         nn.init.zeros_(self.y_emb_preprocess.mlp.w3.weight)
         for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):

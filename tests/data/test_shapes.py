@@ -166,3 +166,41 @@ def test_sample_scene_arguments():
         sample_scene(rng, max_objects=5)
     with pytest.raises(ValueError):
         ShapeObject("heart", "red", "small", "top")
+
+
+def test_jitter_zero_puts_objects_at_cell_centres_at_nominal_size():
+    from microdit.data.shapes import SIZE_SCALES, position_cell
+
+    ds = ShapesDataset(300, seed=4, max_objects=2, textured_fraction=0.0, background_colors=["grey"],
+                       jitter=0.0)
+    seen_two = 0
+    for i in range(300):
+        scene = ds.scene(i)
+        seen_two += len(scene.objects) == 2
+        for o in scene.objects:
+            row, col = position_cell(o.position)
+            lo, hi = 0.02 + o.extent / 2, 1 - 0.02 - o.extent / 2  # EDGE_MARGIN
+            want = (min(max((col + 0.5) / 3, lo), hi), min(max((row + 0.5) / 3, lo), hi))
+            assert o.center == pytest.approx(want) and o.extent == SIZE_SCALES[o.size]
+    assert seen_two > 100  # pairs are still drawn (those that fit without jitter)
+    # A plain scene is then fixed by its caption: the same caption renders the same pixels.
+    images = {}
+    for i in range(300):
+        item = ds[i]
+        if item["caption"] in images:
+            assert np.array_equal(images[item["caption"]], item["image"])
+        images[item["caption"]] = item["image"]
+
+
+def test_jitter_one_is_the_default_distribution_and_bad_jitter_is_refused():
+    a, b = ShapesDataset(50, seed=3), ShapesDataset(50, seed=3, jitter=1.0)
+    assert all(a.scene(i) == b.scene(i) for i in range(50))
+    half = ShapesDataset(200, seed=3, jitter=0.5)
+    for i in range(200):
+        for o in half.scene(i).objects:
+            row, col = divmod(["top left", "top", "top right", "left", "center", "right", "bottom left",
+                               "bottom", "bottom right"].index(o.position), 3)
+            assert abs(o.center[0] - (col + 0.5) / 3) <= 0.025 + 0.02 + 1e-9
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="jitter must be in"):
+            ShapesDataset(5, jitter=bad)

@@ -174,6 +174,11 @@ def test_shapes_source_options_tune_the_distribution():
     # The default source is unchanged by the options machinery (same items as ShapesDataset's defaults).
     plain = open_source("shapes", num=3, seed=5)
     assert "options" not in plain.describe()
+    assert shapes_options("shapes:jitter=0")["jitter"] == 0.0
+    still = open_source("shapes:textured=0,jitter=0", num=20, seed=2)
+    assert all(o.extent in (0.2, 0.3) for i in range(20) for o in still._dataset(32).scene(i).objects)
+    with pytest.raises(ValueError, match="jitter must be in"):
+        open_source("shapes:jitter=2", num=3)._dataset(32)
     with pytest.raises(ValueError, match="bad option 'colour=red'"):
         open_source("shapes:colour=red", num=3)
     with pytest.raises(ValueError, match="bad option 'textured'"):
