@@ -71,10 +71,21 @@ class DiffusionSection:
     P_mean: float = EDM_DEFAULT.P_mean
     P_std: float = EDM_DEFAULT.P_std
     sigma_data: float = EDM_DEFAULT.sigma_data
+    # A noise curriculum (not in the paper): the first `high_noise_steps` steps draw ln(sigma)
+    # from N(high_noise_P_mean, high_noise_P_std) instead, where only the caption can say where
+    # objects go; a small model then learns the caption -> layout map first (docs/demo_experiments.md,
+    # fifth round). 0: off.
+    high_noise_steps: int = 0
+    high_noise_P_mean: float = 3.0
+    high_noise_P_std: float = 0.8
 
-    def edm_config(self) -> EDMConfig:
-        """These constants as the EDMConfig that edm.loss takes (the sampler's stay EDMConfig's)."""
-        return dataclasses.replace(EDM_DEFAULT, P_mean=self.P_mean, P_std=self.P_std, sigma_data=self.sigma_data)
+    def edm_config(self, step: int | None = None) -> EDMConfig:
+        """These constants as the EDMConfig that edm.loss takes (the sampler's stay EDMConfig's);
+        with `step`, the training step's (the curriculum's noise for its first steps)."""
+        early = step is not None and step < self.high_noise_steps
+        return dataclasses.replace(EDM_DEFAULT, P_mean=self.high_noise_P_mean if early else self.P_mean,
+                                   P_std=self.high_noise_P_std if early else self.P_std,
+                                   sigma_data=self.sigma_data)
 
 
 @dataclass
@@ -306,6 +317,7 @@ _RANGES = {
     "optim.warmup_steps": (0, None, True, True), "optim.min_lr_ratio": (0, 1, True, True),
     "optim.grad_clip": (0, None, False, True),
     "diffusion.P_std": (0, None, False, True), "diffusion.sigma_data": (0, None, False, True),
+    "diffusion.high_noise_steps": (0, None, True, True), "diffusion.high_noise_P_std": (0, None, True, True),
     "ema.decay": (0, 1, True, True), "ema.start_step": (0, None, True, True),
     "train.steps": (1, None, True, True), "train.global_batch": (1, None, True, True),
     "train.micro_batch": (1, None, True, True), "train.log_every": (1, None, True, True),

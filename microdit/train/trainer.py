@@ -341,6 +341,13 @@ class Trainer:
         # stride), so W ranks see exactly the randomness one process would for the same batch.
         return step[rank::world]
 
+    def step_edm_config(self):
+        """The EDM constants of the current step: `edm_config`, or the noise curriculum's
+        (diffusion.high_noise_*) during its first steps."""
+        if self.step < self.cfg.diffusion.high_noise_steps:
+            return self.cfg.diffusion.edm_config(self.step)
+        return self.edm_config
+
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm) as tensors."""
         total = torch.zeros((), device=self.device)
@@ -349,7 +356,7 @@ class Trainer:
             y = batch["caption_states"].to(self.device, non_blocking=True)
             step = self._noise(x0.shape[0], micro, x0.shape[1:])
             with distributed.no_sync(self.model, micro == self.accum - 1), self.autocast, self.fp8_context():
-                loss = edm.loss(self.forward, x0, y, step=step, config=self.edm_config)
+                loss = edm.loss(self.forward, x0, y, step=step, config=self.step_edm_config())
             (loss / self.accum).backward()
             total += loss.detach()
         with torch.profiler.record_function("microdit::clip_grad_norm"):  # a category of `microdit bench`
