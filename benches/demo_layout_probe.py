@@ -24,6 +24,7 @@ import safetensors.torch as st
 import torch
 
 import microdit
+from benches.demo_testbed import train_edm
 from microdit.diffusion import edm
 
 SIGMAS = (80.0, 20.0, 5.0, 1.0)
@@ -53,18 +54,15 @@ def run(root: Path, steps: int, batch: int, lr: float, mask: float, P_mean: floa
     model = microdit.create_model("MicroDiT_Micro_2", in_channels=x.shape[1], input_size=x.shape[2],
                                   caption_channels=y.shape[-1], init_std=init_std)
     config = edm.EDMConfig(P_mean=P_mean, P_std=P_std)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=g)
-        step = edm.draw_step(batch, x.shape[1:], patch_size=model.config.patch_size, mask_ratio=mask,
-                             generator=g, ops=model.ops)
-        loss = edm.loss(model, x[idx], y[idx], step=step, config=config)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+
+    def draw(gen):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        return x[idx], y[idx]
+
+    train_edm(model, draw, steps, lr=lr, mask_ratio=mask, config=config, generator=g,
+              patch=model.config.patch_size, ops=model.ops)
     train_s = time.perf_counter() - t0
     model.eval()
     base = ((xv - x.mean(0, keepdim=True)) ** 2).mean().item()

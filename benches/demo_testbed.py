@@ -157,6 +157,26 @@ def build(kind: str, images: torch.Tensor, overrides: dict | None = None) -> nn.
     raise ValueError(f"unknown model {kind!r}: microdit, plain, token-mlp or oracle")
 
 
+def train_edm(model, draw, steps: int, *, lr: float, mask_ratio: float, config, generator, patch: int = 2,
+              seconds: float | None = None, ops=None) -> int:
+    """AdamW (no weight decay), the library's EDM loss, gradients clipped at 1: `steps` steps on
+    batches `draw(generator) -> (x0, y)`; returns the steps done (fewer when `seconds` ran out)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    t0 = time.perf_counter()
+    for done in range(steps):
+        if seconds is not None and time.perf_counter() - t0 > seconds:
+            return done  # the time budget ran out first
+        x0, y = draw(generator)
+        step = edm.draw_step(x0.shape[0], x0.shape[1:], patch_size=patch, mask_ratio=mask_ratio,
+                             generator=generator, ops=ops)
+        loss = edm.loss(model, x0, y, step=step, config=config)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return steps
+
+
 def run(kind: str, steps: int, batch: int, lr: float, mask_ratio: float, P_mean: float, P_std: float,
         seed: int, out: str | None, overrides: dict | None = None, seconds: float | None = None) -> dict:
     torch.manual_seed(seed)
@@ -168,18 +188,9 @@ def run(kind: str, steps: int, batch: int, lr: float, mask_ratio: float, P_mean:
     patch = getattr(getattr(model, "config", None), "patch_size", 2)
     t0 = time.perf_counter()
     if kind != "oracle":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        for done in range(steps):
-            if seconds is not None and time.perf_counter() - t0 > seconds:
-                steps = done  # the time budget ran out first
-                break
-            x0 = images[torch.randint(0, len(images), (batch,), generator=g)]
-            step = edm.draw_step(batch, x0.shape[1:], patch_size=patch, mask_ratio=mask_ratio, generator=g)
-            loss = edm.loss(model, x0, caption, step=step, config=config)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+        steps = train_edm(model, lambda gen: (images[torch.randint(0, len(images), (batch,), generator=gen)], caption),
+                          steps, lr=lr, mask_ratio=mask_ratio, config=config, generator=g, patch=patch,
+                          seconds=seconds)
     train_s = time.perf_counter() - t0
     model.eval()
     ge = torch.Generator().manual_seed(1000)
