@@ -171,7 +171,8 @@ class Trainer:
         bf16 = precision == "bf16" or precision == "fp8" and self.device.type == "cuda"
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         self.precision = precision
-        self.edm_config = cfg.diffusion.edm_config()  # the EDM constants of every step
+        self.edm_config = cfg.diffusion.edm_config()  # the EDM constants of every step after the curriculum
+        self.high_noise_edm_config = cfg.diffusion.edm_config(0)  # those of its first high_noise_steps
 
         if t.flush_denormal and self.device.type == "cpu" and not torch.set_flush_denormal(True):
             log.warning("train.flush_denormal: this CPU cannot flush denormals (no SSE3); left as is")
@@ -344,9 +345,7 @@ class Trainer:
     def step_edm_config(self):
         """The EDM constants of the current step: `edm_config`, or the noise curriculum's
         (diffusion.high_noise_*) during its first steps."""
-        if self.step < self.cfg.diffusion.high_noise_steps:
-            return self.cfg.diffusion.edm_config(self.step)
-        return self.edm_config
+        return self.high_noise_edm_config if self.step < self.cfg.diffusion.high_noise_steps else self.edm_config
 
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm) as tensors."""

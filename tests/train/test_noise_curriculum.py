@@ -25,7 +25,8 @@ def test_edm_config_by_step():
 def test_trainer_uses_the_step_constants_and_the_sigmas_follow():
     cfg = load_config("demo", ["diffusion.high_noise_steps=3", "diffusion.high_noise_P_mean=3.0",
                                "diffusion.high_noise_P_std=0.0"])
-    fake = types.SimpleNamespace(cfg=cfg, edm_config=cfg.diffusion.edm_config(), step=0)
+    fake = types.SimpleNamespace(cfg=cfg, edm_config=cfg.diffusion.edm_config(),
+                                 high_noise_edm_config=cfg.diffusion.edm_config(0), step=0)
     seen = []
     for step in range(5):
         fake.step = step
