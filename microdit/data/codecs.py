@@ -3,9 +3,9 @@
 Latents are already shifted and scaled for the diffusion model, `(z - shift_factor) *
 scaling_factor`, and back:
 
-- `pixels` / `pixels:F` / `pixels:F:SCALE`: no VAE; pixel values mapped to [-1, 1], optionally
-  space-to-depth by F, optionally multiplied by SCALE (so that the latents' std matches the
-  diffusion's sigma_data). Exact: decoding gives back the same uint8 image. The embedded CPU demo's default.
+- `pixels` / `pixels:F` / `pixels:F:SCALE` / `pixels:F:SCALE:SHIFT`: no VAE; pixel values mapped
+  to [-1, 1], optionally space-to-depth by F, optionally shifted by -SHIFT and multiplied by SCALE
+  (so that the latents' std matches the diffusion's sigma_data). Exact: decoding gives back the same uint8 image. The embedded CPU demo's default.
 - a diffusers `AutoencoderKL` folder or hub id (`vae:` prefix optional: SDXL VAE, the 16-channel
   Flux/Ostris kind), with the `scaling_factor` and `shift_factor` of its config.
 
@@ -114,6 +114,8 @@ class PixelCodec(ImageCodec):
             raise ValueError(f"pixels codec: factor must be a positive integer, got {factor!r}")
         if not scaling_factor or not np.isfinite(scaling_factor):
             raise ValueError(f"pixels codec: scaling_factor must be finite and non-zero, got {scaling_factor!r}")
+        if not np.isfinite(shift_factor):
+            raise ValueError(f"pixels codec: shift_factor must be finite, got {shift_factor!r}")
         self.factor = int(factor)
         self.name = "pixels" if self.factor == 1 else f"pixels:{self.factor}"
         self.channels = 3 * self.factor ** 2
@@ -132,21 +134,27 @@ class PixelCodec(ImageCodec):
 
     @classmethod
     def from_spec(cls, spec: str, **kw) -> "PixelCodec":
-        """`pixels`, `pixels:F` or `pixels:F:SCALE`."""
-        factor, _, scale = (spec.partition(":")[2] or "1").partition(":")
+        """`pixels`, `pixels:F`, `pixels:F:SCALE` or `pixels:F:SCALE:SHIFT`."""
+        factor, _, rest = (spec.partition(":")[2] or "1").partition(":")
+        scale, _, shift = rest.partition(":")
         if not factor.isdigit():
             raise ValueError(f"codec {spec!r}: the space-to-depth factor must be an integer (pixels:F or pixels:F:SCALE)")
-        if scale:
-            # pixels:F:SCALE multiplies the latents by SCALE, so that their std can match the
-            # diffusion's sigma_data (0.9) whatever the images' contrast.
+        if shift and not scale:
+            raise ValueError(f"codec {spec!r}: a SHIFT needs a SCALE (pixels:F:SCALE:SHIFT)")
+        # pixels:F:SCALE multiplies the latents by SCALE, so that their std can match the
+        # diffusion's sigma_data (0.9) whatever the images' contrast; SHIFT is subtracted from the
+        # [-1, 1] pixels first (the diffusers convention: latents = (pixels - SHIFT) * SCALE).
+        for name, text, key in (("SCALE", scale, "scaling_factor"), ("SHIFT", shift, "shift_factor")):
+            if not text:
+                continue
             try:
-                scale_value = float(scale)
+                value = float(text)
             except ValueError:
-                raise ValueError(f"codec {spec!r}: SCALE must be a number (pixels:F:SCALE)") from None
-            given = kw.pop("scaling_factor", None)
-            if given is not None and float(given) != scale_value:
-                raise ValueError(f"codec {spec!r}: its scale {scale_value} differs from scaling_factor={given}")
-            kw["scaling_factor"] = scale_value
+                raise ValueError(f"codec {spec!r}: {name} must be a number (pixels:F:SCALE:SHIFT)") from None
+            given = kw.pop(key, None)
+            if given is not None and float(given) != value:
+                raise ValueError(f"codec {spec!r}: its {name.lower()} {value} differs from {key}={given}")
+            kw[key] = value
         return cls(int(factor), **kw)
 
     @classmethod
@@ -241,7 +249,7 @@ class AutoencoderKLCodec(ImageCodec):
 
 
 def get_codec(spec, **kw) -> ImageCodec:
-    """An image codec: `pixels`, `pixels:F`, `pixels:F:SCALE`, or a diffusers AutoencoderKL folder / hub id (`vae:` prefix optional)."""
+    """An image codec: `pixels`, `pixels:F`, `pixels:F:SCALE[:SHIFT]`, or a diffusers AutoencoderKL folder / hub id (`vae:` prefix optional)."""
     return CODECS.get(spec, **kw)
 
 

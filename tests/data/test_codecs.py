@@ -85,6 +85,26 @@ def test_pixels_scale_in_the_spec():
         get_codec("pixels:2:0")
 
 
+def test_pixels_shift_in_the_spec():
+    """`pixels:F:SCALE:SHIFT`: latents = (pixels - SHIFT) * SCALE, recorded and undone on decode."""
+    images = _images()
+    codec = get_codec("pixels:2:5:-2")
+    assert (codec.factor, codec.scaling_factor, codec.shift_factor) == (2, 5.0, -2.0)
+    z = codec.encode(images)
+    torch.testing.assert_close(z, (get_codec("pixels:2").encode(images) + 2.0) * 5.0)
+    assert torch.equal(codec.decode(z), images)
+    again = codec_from_metadata(_json_round_trip(codec.metadata()))
+    assert again.shift_factor == -2.0 and torch.equal(again.decode(z), images)
+    with pytest.raises(ValueError, match="differs from shift_factor"):
+        get_codec("pixels:2:5:-2", shift_factor=1.0)
+    with pytest.raises(ValueError, match="SHIFT must be a number"):
+        get_codec("pixels:2:5:up")
+    with pytest.raises(ValueError, match="needs a SCALE"):
+        get_codec("pixels:2::1")
+    with pytest.raises(ValueError, match="shift_factor must be finite"):
+        get_codec("pixels:2:5:nan")
+
+
 def test_codec_accepts_numpy_and_keeps_the_input_device():
     images = _images().numpy()
     z = get_codec("pixels").encode(images)
