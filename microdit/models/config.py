@@ -31,6 +31,11 @@ class MicroDiTConfig:
     # tensor of the model: only training from scratch reads it. Narrow models learn much faster
     # with a larger one (docs/demo_experiments.md, fifth round).
     init_std: float = 0.02
+    # The final layer's norm before its adaLN modulation and linear map: "layernorm" (published)
+    # or "none" (its learnable weight only, no per-token centring or division; an experiment of
+    # docs/demo_experiments.md, sixth round: the division scales each token's noise by its own
+    # content, so a denoiser that cancels noise on flat zero-valued tokens under-cancels elsewhere).
+    final_norm: str = "layernorm"
     qkv_multipliers: list[float] = field(default_factory=lambda: [1.0])
     ffn_multipliers: list[float] = field(default_factory=lambda: [4.0])
     use_patch_mixer: bool = True
@@ -46,6 +51,8 @@ class MicroDiTConfig:
     backends: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.final_norm not in ("layernorm", "none"):
+            raise ValueError(f"final_norm must be 'layernorm' or 'none', got {self.final_norm!r}")
         for name in ("qkv_multipliers", "ffn_multipliers"):
             v = [float(r) for r in getattr(self, name)]
             if len(v) == 1:

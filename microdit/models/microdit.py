@@ -101,13 +101,25 @@ class CaptionBlock(nn.Module):
         return y + self.mlp(self.norm2(y))  # (B, L, D)
 
 
+class WeightOnlyNorm(nn.Module):
+    """`final_norm="none"`: the LayerNorm's learnable weight without its centring and division
+    (same state-dict entry, so checkpoints of either kind load into the other)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.weight
+
+
 class FinalLayer(nn.Module):
-    def __init__(self, dim, out_dim, eps):
+    def __init__(self, dim, out_dim, eps, norm: str = "layernorm"):
         super().__init__()
         # Registration order gives the published state-dict order.
         self.linear = nn.Linear(dim, out_dim, bias=True)
         self.adaLN_modulation = nn.Sequential(gelu_tanh(), nn.Linear(dim, 2 * dim, bias=True))
-        self.norm_final = layer_norm(dim, eps)
+        self.norm_final = layer_norm(dim, eps) if norm == "layernorm" else WeightOnlyNorm(dim)
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 x (B, D)
@@ -160,7 +172,7 @@ class MicroDiT(nn.Module):
                   ffn(D, cfg.ffn_multipliers[i], i, cfg.depth, True), eps, bias, ops)
             for i in range(cfg.depth)
         ])
-        self.final_layer = FinalLayer(D, cfg.patch_dim, eps)
+        self.final_layer = FinalLayer(D, cfg.patch_dim, eps, cfg.final_norm)
         self.reset_pos_embed()
 
     # ------------------------------------------------------------------ init

@@ -110,12 +110,14 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         "## What you should see", "",
         "- The loss falls fast in the first ~200 steps, then slowly; it stays noisy because every step "
         "draws new noise levels.",
-        "- What this budget teaches (docs/demo_experiments.md, fifth round): the first 600 steps, "
-        "at high noise only, teach where the caption puts each object; the rest, colours and edges. "
-        "Each sample should show one object of the prompt's colour in the prompt's place and about "
-        "its size, on a clean grey background. Their outlines are still blobs with speckled "
-        "edges, not yet circles, squares or crosses, and ShapesEval scores every category by the "
-        "shape, so its numbers stay low (below 0.2): read the grid, not only the table.",
+        "- What this budget teaches (docs/demo_experiments.md, fifth and sixth rounds): the first "
+        "600 steps, at high noise only, teach where the caption puts each object; the rest, colours "
+        "and edges. Each sample should show one object of the prompt's colour in the prompt's place "
+        "and about its size, on a clean grey background. Their outlines are still mostly blobs "
+        "(a few circles and squares come out), speckled with noise the denoiser leaves inside the "
+        "objects (`python -m benches.demo_noise_probe RUN` measures it), and ShapesEval scores "
+        "every category by the shape, so its numbers stay low (below 0.2): read the grid, not only "
+        "the table.",
         "- The same command gives the same numbers again (seeded data, noise and sampling).",
         "- Token-sized (4 x 4 px) coloured squares scattered over the image mean the model did not "
         "learn the layout at high noise: `python -m benches.demo_experiments --probe "

@@ -41,3 +41,23 @@ def test_init_std_scales_exactly_the_published_small_inits():
 def test_bad_init_std_is_refused():
     with pytest.raises(ValueError, match="init_std must be > 0"):
         _init(init_std=0.0)
+
+
+def test_final_norm_none_keeps_the_state_dict_and_drops_the_division():
+    import torch
+
+    from microdit.models.config import MicroDiTConfig
+    from microdit.models.microdit import MicroDiT
+
+    base = dict(input_size=8, patch_size=2, in_channels=4, dim=64, depth=2, head_dim=32, multiple_of=32,
+                caption_channels=16, patch_mixer_depth=1, patch_mixer_dim=64, num_experts=2)
+    torch.manual_seed(0)
+    a = MicroDiT(MicroDiTConfig(**base))
+    b = MicroDiT(MicroDiTConfig(**base, final_norm="none"))
+    assert a.state_dict().keys() == b.state_dict().keys()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 5, 64) * 7
+    torch.testing.assert_close(b.final_layer.norm_final(x), x)  # weight 1: no division by the token's scale
+    assert not torch.allclose(a.final_layer.norm_final(x), x)
+    with pytest.raises(ValueError, match="final_norm"):
+        MicroDiTConfig(**base, final_norm="rms")
