@@ -113,11 +113,11 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         "- What this budget teaches (docs/demo_experiments.md, fifth and sixth rounds): the first "
         "600 steps, at high noise only, teach where the caption puts each object; the rest, colours "
         "and edges. Each sample should show one object of the prompt's colour in the prompt's place "
-        "and about its size, on a clean grey background. Their outlines are still mostly blobs "
-        "(a few circles and squares come out), speckled with noise the denoiser leaves inside the "
-        "objects (`python -m benches.demo_noise_probe RUN` measures it), and ShapesEval scores "
-        "every category by the shape, so its numbers stay low (below 0.2): read the grid, not only "
-        "the table.",
+        "and about its size, on a clean grey background. Circles come out round; squares, "
+        "triangles and diamonds are often still rounded blobs with a little speckle at their edges "
+        "(`python -m benches.demo_noise_probe RUN` measures the noise left in the objects), and "
+        "ShapesEval scores every category by the shape, so its numbers stay modest (about 0.3 "
+        "overall): read the grid, not only the table.",
         "- The same command gives the same numbers again (seeded data, noise and sampling).",
         "- Token-sized (4 x 4 px) coloured squares scattered over the image mean the model did not "
         "learn the layout at high noise: `python -m benches.demo_experiments --probe "
