@@ -134,6 +134,24 @@ def rescore(name: str, checkpoint: str, overrides: list[str], prompts: int) -> d
             **{k: round(float(scores[k]), 3) for k in CATEGORIES}}
 
 
+def load_run_checkpoint(checkpoint: str, num: int, weights: str = "ema"):
+    """(model in eval mode, checkpoint state, `num` samples of the run's own data, used_ema) for
+    the probes: EMA weights when asked for and the run kept them, else the raw ones."""
+    import torch
+
+    from microdit.data.loader import ShardLoader
+    from microdit.models.config import MicroDiTConfig
+    from microdit.models.microdit import MicroDiT
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = MicroDiT(MicroDiTConfig.from_dict(state["model_config"]))
+    use_ema = bool(weights == "ema" and state.get("ema"))  # raw weights where the run had no EMA
+    model.load_state_dict(state["ema"]["shadow"] if use_ema else state["model"])
+    model.eval()
+    batch = next(ShardLoader(state["data_info"]["path"], num, seed=1, resolution=state["data_info"]["resolution"]))
+    return model, state, batch, use_ema
+
+
 def probe(checkpoint: str, sigmas=(0.3, 1, 2, 5, 10, 40), num: int = 128, weights: str = "ema") -> dict:
     """How much of the image the denoiser explains at each noise level, with and without its caption.
 
@@ -144,17 +162,9 @@ def probe(checkpoint: str, sigmas=(0.3, 1, 2, 5, 10, 40), num: int = 128, weight
     """
     import torch
 
-    from microdit.data.loader import ShardLoader
     from microdit.diffusion import edm
-    from microdit.models.config import MicroDiTConfig
-    from microdit.models.microdit import MicroDiT
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model = MicroDiT(MicroDiTConfig.from_dict(state["model_config"]))
-    use_ema = weights == "ema" and state.get("ema")  # raw weights where the run had no EMA
-    model.load_state_dict(state["ema"]["shadow"] if use_ema else state["model"])
-    model.eval()
-    batch = next(ShardLoader(state["data_info"]["path"], num, seed=1, resolution=state["data_info"]["resolution"]))
+    model, state, batch, _ = load_run_checkpoint(checkpoint, num, weights)
     x0, y = batch["latents"], batch["caption_states"]
     base = ((x0.mean(0, keepdim=True) - x0) ** 2).mean()
     sigma_data = state.get("config", {}).get("diffusion", {}).get("sigma_data", 0.9)

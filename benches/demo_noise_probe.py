@@ -80,9 +80,7 @@ def noise_probe(model, x0, y, *, sigma_data: float, patch_size: int, sigmas=SIGM
 
 
 def probe_checkpoint(checkpoint: str, num: int = 128, sigmas=SIGMAS, weights: str = "ema") -> dict:
-    from microdit.data.loader import ShardLoader
-    from microdit.models.config import MicroDiTConfig
-    from microdit.models.microdit import MicroDiT
+    from benches.demo_experiments import load_run_checkpoint
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -90,16 +88,9 @@ def probe_checkpoint(checkpoint: str, num: int = 128, sigmas=SIGMAS, weights: st
         if not ckpts:
             raise FileNotFoundError(f"{checkpoint}: no checkpoints/step_*.pt in this run directory")
         path = ckpts[-1]
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model = MicroDiT(MicroDiTConfig.from_dict(state["model_config"]))
-    use_ema = weights == "ema" and state.get("ema")
-    model.load_state_dict(state["ema"]["shadow"] if use_ema else state["model"])
-    model.eval()
-    info = state["data_info"]
-    batch = next(ShardLoader(info["path"], num, seed=1, resolution=info["resolution"]))
+    model, state, batch, use_ema = load_run_checkpoint(str(path), num, weights)
     sigma_data = state.get("config", {}).get("diffusion", {}).get("sigma_data", 0.9)
-    codec = info.get("codec_meta", info.get("codec", {}))
-    scale = codec.get("scaling_factor", 1.0) if isinstance(codec, dict) else 1.0
+    scale = state["data_info"].get("codec", {}).get("scaling_factor", 1.0)
     report = noise_probe(model, batch["latents"], batch["caption_states"], sigma_data=sigma_data,
                          patch_size=model.config.patch_size, sigmas=sigmas, to_255=127.5 / scale)
     return {"checkpoint": str(path), "weights": "ema" if use_ema else "raw", **report}
@@ -112,7 +103,6 @@ def main(argv=None) -> int:
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS))
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(json.dumps(probe_checkpoint(args.checkpoint, args.num, tuple(args.sigmas), args.weights)))
     return 0
 
