@@ -52,6 +52,39 @@ def test_masked_loss_is_mean_over_kept_patches(model):
     torch.testing.assert_close(loss, torch.stack(per_sample).mean())
 
 
+def test_foreground_tokens_and_weighted_loss(model):
+    import dataclasses
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.zeros(3, 4, 8, 8)
+    x0[0, :, 0:3, 0:3] = 2.5  # an object over tokens 0, 1, 4, 5 (edges count)
+    x0[1, 1, 6, 7] = -2.0  # one value of token 15
+    x0[2] += 0.3 * torch.rand(4, 8, 8, generator=g)  # texture within 0.3, no object
+    fg = edm.foreground_tokens(x0, 2, 0.9)
+    want = torch.zeros(3, 16)
+    want[0, [0, 1, 4, 5]] = 1
+    want[1, 15] = 1
+    assert torch.equal(fg, want)
+    y = torch.randn(3, 5, 32, generator=g)
+    rnd, noise = torch.randn(3, 1, 1, 1, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    keep = keep_indices(3, 16, 0.5, generator=g)
+    cfg = dataclasses.replace(edm.DEFAULT, foreground_weight=5.0)
+    with torch.no_grad():
+        # Weight 1 is the published loss, masked or not.
+        one = dataclasses.replace(edm.DEFAULT, foreground_weight=1.0)
+        for ids in (None, keep):
+            torch.testing.assert_close(edm.loss(model, x0, y, rnd_normal=rnd, noise=noise, ids_keep=ids, config=one),
+                                       edm.loss(model, x0, y, rnd_normal=rnd, noise=noise, ids_keep=ids))
+        loss = edm.loss(model, x0, y, rnd_normal=rnd, noise=noise, ids_keep=keep, config=cfg)
+        sigma = (rnd * 1.2 - 0.6).exp()
+        D = edm.denoise(model, x0 + noise * sigma, sigma, y, ids_keep=keep)
+        per_patch = edm.patch_mean((sigma**2 + 0.81) / (sigma * 0.9) ** 2 * (D - x0) ** 2, 2)
+        per_sample = []
+        for b in range(3):
+            w = torch.tensor([5.0 if want[b, t] else 1.0 for t in keep[b].tolist()])
+            per_sample.append((per_patch[b, keep[b]] * w).sum() / w.sum())
+    torch.testing.assert_close(loss, torch.stack(per_sample).mean())
+
+
 def test_loss_random_masking_and_backward():
     m = microdit.create_model("MicroDiT_Test_2")
     x0, y = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
