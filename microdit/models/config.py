@@ -36,6 +36,10 @@ class MicroDiTConfig:
     # docs/demo_experiments.md, sixth round: the division scales each token's noise by its own
     # content, so a denoiser that cancels noise on flat zero-valued tokens under-cancels elsewhere).
     final_norm: str = "layernorm"
+    # The same choice for the LayerNorms of the maps into and out of the patch mixer (between the
+    # patch embedding and the backbone, on every token's path to the output): "layernorm"
+    # (published) or "none" (docs/demo_experiments.md, seventh round).
+    mixer_map_norm: str = "layernorm"
     qkv_multipliers: list[float] = field(default_factory=lambda: [1.0])
     ffn_multipliers: list[float] = field(default_factory=lambda: [4.0])
     use_patch_mixer: bool = True
@@ -53,6 +57,8 @@ class MicroDiTConfig:
     def __post_init__(self):
         if self.final_norm not in ("layernorm", "none"):
             raise ValueError(f"final_norm must be 'layernorm' or 'none', got {self.final_norm!r}")
+        if self.mixer_map_norm not in ("layernorm", "none"):
+            raise ValueError(f"mixer_map_norm must be 'layernorm' or 'none', got {self.mixer_map_norm!r}")
         for name in ("qkv_multipliers", "ffn_multipliers"):
             v = [float(r) for r in getattr(self, name)]
             if len(v) == 1:

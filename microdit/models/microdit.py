@@ -102,7 +102,7 @@ class CaptionBlock(nn.Module):
 
 
 class WeightOnlyNorm(nn.Module):
-    """`final_norm="none"`: the LayerNorm's learnable weight without its centring and division
+    """`final_norm="none"` (and `mixer_map_norm="none"`): the LayerNorm's learnable weight without its centring and division
     (same state-dict entry, so checkpoints of either kind load into the other)."""
 
     def __init__(self, dim):
@@ -162,8 +162,9 @@ class MicroDiT(nn.Module):
                 for i in range(n)
             ])
             if Dm != D:
-                self.patch_mixer_map_xin = nn.Sequential(layer_norm(D, eps), nn.Linear(D, Dm, bias=bias))
-                self.patch_mixer_map_xout = nn.Sequential(layer_norm(Dm, eps), nn.Linear(Dm, D, bias=bias))
+                norm = layer_norm if cfg.mixer_map_norm == "layernorm" else (lambda d, eps: WeightOnlyNorm(d))
+                self.patch_mixer_map_xin = nn.Sequential(norm(D, eps), nn.Linear(D, Dm, bias=bias))
+                self.patch_mixer_map_xout = nn.Sequential(norm(Dm, eps), nn.Linear(Dm, D, bias=bias))
                 self.patch_mixer_map_y = nn.Sequential(layer_norm(D, eps), nn.Linear(D, Dm, bias=bias))
             else:
                 self.patch_mixer_map_xin = self.patch_mixer_map_xout = self.patch_mixer_map_y = nn.Identity()

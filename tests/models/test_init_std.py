@@ -61,3 +61,26 @@ def test_final_norm_none_keeps_the_state_dict_and_drops_the_division():
     assert not torch.allclose(a.final_layer.norm_final(x), x)
     with pytest.raises(ValueError, match="final_norm"):
         MicroDiTConfig(**base, final_norm="rms")
+
+
+def test_mixer_map_norm_none_keeps_the_state_dict_and_drops_the_division():
+    import torch
+
+    from microdit.models.config import MicroDiTConfig
+    from microdit.models.microdit import MicroDiT
+
+    base = dict(input_size=8, patch_size=2, in_channels=4, dim=64, depth=2, head_dim=32, multiple_of=32,
+                caption_channels=16, patch_mixer_depth=1, patch_mixer_dim=32, num_experts=2)
+    torch.manual_seed(0)
+    a = MicroDiT(MicroDiTConfig(**base))
+    b = MicroDiT(MicroDiTConfig(**base, mixer_map_norm="none"))
+    assert a.state_dict().keys() == b.state_dict().keys()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 5, 64) * 7
+    # Linear maps: twice the input gives twice the output (a LayerNorm in front would not).
+    torch.testing.assert_close(b.patch_mixer_map_xin(2 * x), 2 * b.patch_mixer_map_xin(x))
+    torch.testing.assert_close(b.patch_mixer_map_xout(2 * x[..., :32]), 2 * b.patch_mixer_map_xout(x[..., :32]))
+    assert not torch.allclose(a.patch_mixer_map_xin(2 * x), 2 * a.patch_mixer_map_xin(x))
+    assert isinstance(b.patch_mixer_map_y[0], torch.nn.LayerNorm)  # the caption's map keeps its norm
+    with pytest.raises(ValueError, match="mixer_map_norm"):
+        MicroDiTConfig(**base, mixer_map_norm="rms")
