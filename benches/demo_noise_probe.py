@@ -15,6 +15,8 @@ the demo's shapes, a denoiser that removes the noise on the grey background but 
 it in the objects draws speckled objects (docs/demo_experiments.md, sixth round).
 
     python -m benches.demo_noise_probe runs/demo
+    python -m benches.demo_noise_probe runs/demo --offset 1   # every clean value + 1 (a lighter background)
+    python -m benches.demo_noise_probe runs/demo --sigmas 80 20 5 --grid g.png   # what the caption alone draws
 """
 from __future__ import annotations
 
@@ -43,12 +45,16 @@ def _tokens(t: torch.Tensor, p: int) -> torch.Tensor:
 
 @torch.no_grad()
 def noise_probe(model, x0, y, *, sigma_data: float, patch_size: int, sigmas=SIGMAS, to_255: float = 1.0,
-                object_threshold: float = 1.0, seed: int = 0) -> dict:
+                object_threshold: float = 1.0, seed: int = 0, offset: float = 0.0, denoised: list | None = None) -> dict:
     """The per-noise-level report described in the module docstring; `to_255` converts latent
-    units to 0-255 pixel units (127.5 / scaling_factor for a pixels codec)."""
+    units to 0-255 pixel units (127.5 / scaling_factor for a pixels codec). `offset` is added to
+    every clean latent value first (the token kinds are those of the unshifted latents): a
+    denoiser whose noise removal does not depend on a token's content is unchanged by it.
+    `denoised`, a list, receives each sigma's denoised latents."""
     from microdit.diffusion import edm
 
     obj, bg = token_kinds(x0, patch_size, object_threshold)
+    x0 = x0 + offset
     store = {}
     final = getattr(model, "final_layer", None)
     hook = None if final is None else final.register_forward_pre_hook(
@@ -59,6 +65,8 @@ def noise_probe(model, x0, y, *, sigma_data: float, patch_size: int, sigmas=SIGM
         for s in sigmas:
             noise = torch.randn(x0.shape, generator=g) * s
             D = edm.denoise(model, x0 + noise, torch.tensor(float(s)), y, sigma_data=sigma_data)
+            if denoised is not None:
+                denoised.append(D)
             err, nz = _tokens(D - x0, patch_size), _tokens(noise, patch_size)
             row = {}
             for kind, m in (("object", obj), ("background", bg)):
@@ -79,7 +87,21 @@ def noise_probe(model, x0, y, *, sigma_data: float, patch_size: int, sigmas=SIGM
     return {"object_tokens": int(obj.sum()), "background_tokens": int(bg.sum()), "sigmas": out}
 
 
-def probe_checkpoint(checkpoint: str, num: int = 128, sigmas=SIGMAS, weights: str = "ema") -> dict:
+def _grid(path: str, rows, codec: dict) -> None:
+    """Saves latents rows (each (B, C, H, W)) decoded by the run's pixels codec as one PNG."""
+    import numpy as np
+    from PIL import Image
+
+    from microdit.data.codecs import codec_from_metadata
+
+    codec = codec_from_metadata(codec)
+    images = [np.concatenate(list(codec.decode(r).numpy()), 1) for r in rows]  # (H, 8 W, 3) each
+    grid = np.concatenate(images, 0)
+    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
+
+
+def probe_checkpoint(checkpoint: str, num: int = 128, sigmas=SIGMAS, weights: str = "ema", offset: float = 0.0,
+                     grid: str | None = None) -> dict:
     from benches.demo_experiments import load_run_checkpoint
 
     path = Path(checkpoint)
@@ -91,8 +113,12 @@ def probe_checkpoint(checkpoint: str, num: int = 128, sigmas=SIGMAS, weights: st
     model, state, batch, use_ema = load_run_checkpoint(str(path), num, weights)
     sigma_data = state.get("config", {}).get("diffusion", {}).get("sigma_data", 0.9)
     scale = state["data_info"].get("codec", {}).get("scaling_factor", 1.0)
+    denoised = [] if grid else None
     report = noise_probe(model, batch["latents"], batch["caption_states"], sigma_data=sigma_data,
-                         patch_size=model.config.patch_size, sigmas=sigmas, to_255=127.5 / scale)
+                         patch_size=model.config.patch_size, sigmas=sigmas, to_255=127.5 / scale, offset=offset,
+                         denoised=denoised)
+    if grid:
+        _grid(grid, [batch["latents"][:8] + offset] + [d[:8] for d in denoised], state["data_info"]["codec"])
     return {"checkpoint": str(path), "weights": "ema" if use_ema else "raw", **report}
 
 
@@ -102,8 +128,12 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=128)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS))
+    p.add_argument("--offset", type=float, default=0.0,
+                   help="add this to every clean latent value first (e.g. a uniform background shift)")
+    p.add_argument("--grid", help="save a PNG: 8 clean images, then the denoised ones at each sigma, a row each")
     args = p.parse_args(argv)
-    print(json.dumps(probe_checkpoint(args.checkpoint, args.num, tuple(args.sigmas), args.weights)))
+    print(json.dumps(probe_checkpoint(args.checkpoint, args.num, tuple(args.sigmas), args.weights, args.offset,
+                                      args.grid)))
     return 0
 
 

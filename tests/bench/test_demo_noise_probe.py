@@ -62,3 +62,31 @@ def test_oracle_removes_all_noise():
 def test_missing_run_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         probe.probe_checkpoint(str(tmp_path))
+
+
+def test_offset_shifts_the_clean_latents_but_not_the_token_kinds():
+    x0 = _latents()
+    # An oracle of the shifted latents removes all the noise; the token counts are the unshifted ones.
+    report = probe.noise_probe(Oracle(x0 + 1.5), x0, None, sigma_data=SD, patch_size=2, offset=1.5)
+    assert report["object_tokens"] == 16 and report["background_tokens"] == 48
+    for row in report["sigmas"].values():
+        assert abs(row["background"]["noise_left"]) < 1e-3
+    # The unshifted oracle is now wrong by the offset everywhere.
+    report = probe.noise_probe(Oracle(x0), x0, None, sigma_data=SD, patch_size=2, offset=1.5, sigmas=(1.0,))
+    assert report["sigmas"]["1.0"]["background"]["rms_err"] == pytest.approx(1.5, rel=1e-4)
+
+
+def test_grid_decodes_each_row(tmp_path):
+    from PIL import Image
+
+    from microdit.data.codecs import get_codec
+
+    codec = get_codec("pixels:2:5")
+    z = torch.zeros(8, 12, 4, 4)
+    denoised = []
+    probe.noise_probe(Zero(), z, None, sigma_data=SD, patch_size=2, sigmas=(1.0, 2.0), denoised=denoised)
+    assert len(denoised) == 2 and denoised[0].shape == z.shape
+    probe._grid(str(tmp_path / "g.png"), [z] + denoised, codec.metadata())
+    im = Image.open(tmp_path / "g.png")
+    assert im.size == (8 * 8 * 4, 3 * 8 * 4)
+    assert im.getpixel((0, 0)) == (128, 128, 128)  # the clean row: latents 0 are mid grey
