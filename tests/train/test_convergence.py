@@ -34,7 +34,8 @@ CODEC = PixelCodec(2, scaling_factor=3.5)
 RECIPE = ["model.preset=MicroDiT_Test_2", "optim.lr=1e-3", "optim.weight_decay=0.0", "optim.schedule=cosine",
           "optim.min_lr_ratio=0.1", "optim.grad_clip=1.0", "optim.warmup_steps=20", "diffusion.mask_ratio=0.5",
           "diffusion.P_mean=-0.6", "diffusion.P_std=1.2", "diffusion.sigma_data=0.9", "ema.enabled=false",
-          "train.seed=0", "model.overrides={init_std: 0.02, final_norm: layernorm}", "diffusion.high_noise_steps=0"]
+          "train.seed=0", "model.overrides={init_std: 0.02, final_norm: layernorm, mixer_map_norm: layernorm}", "diffusion.high_noise_steps=0",
+          "diffusion.foreground_weight=1.0"]
 
 
 def word_states(captions: list[str]) -> torch.Tensor:
