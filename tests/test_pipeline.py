@@ -277,10 +277,11 @@ def test_export_a_demo_run_then_generate_from_the_export(demo_run, tmp_path):
     assert run_pipe.edm.sigma_data == 0.5
     states, _ = run_pipe.text_encoder.encode(prompts)
     noise = torch.stack([image_noise(3, i, 0, (3, 16, 16)) for i in range(2)])
-    for sd, same in ((0.5, True), (0.9, False)):
-        lat = edm.sample(run_pipe.model, noise, states, steps=2, guidance=3.0,
-                         config=edm.EDMConfig(sigma_data=sd))
-        assert np.array_equal(run_pipe.codec.decode(lat).numpy(), expected) == same, sd
+    lats = {sd: edm.sample(run_pipe.model, noise, states, steps=2, guidance=3.0, config=edm.EDMConfig(sigma_data=sd))
+            for sd in (0.5, 0.9)}
+    assert np.array_equal(run_pipe.codec.decode(lats[0.5]).numpy(), expected)
+    # Compared as latents: a 2-step model's decoded images can saturate to the same 0/255 pixels.
+    assert not torch.allclose(lats[0.5], lats[0.9])
     for source in (tmp_path / "pre", tmp_path / "pub" / "model.pt"):
         pipe = MicroDiTPipeline.load(source, device="cpu")
         assert pipe.edm.sigma_data == 0.5, source
