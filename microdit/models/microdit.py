@@ -102,8 +102,9 @@ class CaptionBlock(nn.Module):
 
 
 class WeightOnlyNorm(nn.Module):
-    """`final_norm="none"` (and `mixer_map_norm="none"`): the LayerNorm's learnable weight without its centring and division
-    (same state-dict entry, so checkpoints of either kind load into the other)."""
+    """`final_norm="none"` and `mixer_map_norm="none"`: the LayerNorm's learnable weight without
+    its centring and division (same state-dict entry, so checkpoints of either kind load into the
+    other)."""
 
     def __init__(self, dim):
         super().__init__()

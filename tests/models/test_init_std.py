@@ -43,14 +43,18 @@ def test_bad_init_std_is_refused():
         _init(init_std=0.0)
 
 
+
+# A small model for the norm-choice tests.
+_SMALL = dict(input_size=8, patch_size=2, in_channels=4, dim=64, depth=2, head_dim=32, multiple_of=32,
+              caption_channels=16, patch_mixer_depth=1, patch_mixer_dim=64, num_experts=2)
+
 def test_final_norm_none_keeps_the_state_dict_and_drops_the_division():
     import torch
 
     from microdit.models.config import MicroDiTConfig
     from microdit.models.microdit import MicroDiT
 
-    base = dict(input_size=8, patch_size=2, in_channels=4, dim=64, depth=2, head_dim=32, multiple_of=32,
-                caption_channels=16, patch_mixer_depth=1, patch_mixer_dim=64, num_experts=2)
+    base = dict(_SMALL)
     torch.manual_seed(0)
     a = MicroDiT(MicroDiTConfig(**base))
     b = MicroDiT(MicroDiTConfig(**base, final_norm="none"))
@@ -69,8 +73,7 @@ def test_mixer_map_norm_none_keeps_the_state_dict_and_drops_the_division():
     from microdit.models.config import MicroDiTConfig
     from microdit.models.microdit import MicroDiT
 
-    base = dict(input_size=8, patch_size=2, in_channels=4, dim=64, depth=2, head_dim=32, multiple_of=32,
-                caption_channels=16, patch_mixer_depth=1, patch_mixer_dim=32, num_experts=2)
+    base = dict(_SMALL, patch_mixer_dim=32)  # Dm != D: the mixer has its maps
     torch.manual_seed(0)
     a = MicroDiT(MicroDiTConfig(**base))
     b = MicroDiT(MicroDiTConfig(**base, mixer_map_norm="none"))
