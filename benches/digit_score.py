@@ -5,7 +5,10 @@ centred, unit norm; centroids from the first half, its accuracy reported on the 
 reads each sample; the polarity is read from the border. Crude, but it needs no trained network,
 and its accuracy on real images says how far to trust it.
 
-    python -m benches.digit_score FOLDER RUN [--per-prompt 8]
+    python -m benches.digit_score FOLDER RUN [--per-prompt 8] [--grid GRID.png]
+
+`--grid` also saves the samples: one row per prompt (the digits in order, white on black then
+black on white), `--per-prompt` columns, each image magnified 3x.
 """
 from __future__ import annotations
 
@@ -66,7 +69,24 @@ def load_folder(folder):
     return images, digits
 
 
-def score(folder, run, per_prompt: int = 8, steps: int = 20, guidance: float = 3.0) -> dict:
+def save_grid(samples: np.ndarray, rows: int, path, scale: int = 3, gap: int = 2) -> Path:
+    """(rows * cols, H, W, 3) uint8 samples, row-major -> one PNG, a mid-grey gap between images."""
+    from PIL import Image
+
+    n, h, w, _ = samples.shape
+    if rows < 1 or n % rows:
+        raise ValueError(f"{n} samples do not fill {rows} rows")
+    cols = n // rows
+    grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 128, np.uint8)
+    for i, a in enumerate(samples):
+        r, c = divmod(i, cols)
+        grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = a
+    path = Path(path)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    return path
+
+
+def score(folder, run, per_prompt: int = 8, steps: int = 20, guidance: float = 3.0, grid=None) -> dict:
     from microdit.pipeline import MicroDiTPipeline
 
     images, digits = load_folder(folder)
@@ -78,6 +98,8 @@ def score(folder, run, per_prompt: int = 8, steps: int = 20, guidance: float = 3
                for c, b in (("white", "black"), ("black", "white"))]
     pipe = MicroDiTPipeline.from_run(run, ema=True, device="cpu", dtype="float32")
     samples = pipe.images(prompts, steps=steps, guidance=guidance, seed=0, num_per_prompt=per_prompt)
+    if grid is not None:
+        save_grid(samples, len(prompts), grid)
     right = polarity = 0
     for i, p in enumerate(prompts):
         for a in samples[i * per_prompt:(i + 1) * per_prompt]:
@@ -93,8 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("folder")
     p.add_argument("run")
     p.add_argument("--per-prompt", type=int, default=8)
+    p.add_argument("--grid", help="also save the samples as one PNG (a row per prompt)")
     args = p.parse_args(argv)
-    print(json.dumps(score(args.folder, args.run, args.per_prompt)))
+    print(json.dumps(score(args.folder, args.run, args.per_prompt, grid=args.grid)))
     return 0
 
 

@@ -25,3 +25,18 @@ def test_folder_without_captions_is_named(tmp_path):
     next(tmp_path.glob("*.txt")).unlink()
     with pytest.raises(FileNotFoundError, match="no caption file"):
         load_folder(tmp_path)
+
+
+def test_grid_lays_samples_out_a_row_per_prompt(tmp_path):
+    from PIL import Image
+
+    from benches.digit_score import save_grid
+
+    samples = np.stack([np.full((4, 5, 3), 10 * i, np.uint8) for i in range(6)])  # 2 prompts x 3
+    path = save_grid(samples, 2, tmp_path / "g.png", scale=1, gap=1)
+    g = np.asarray(Image.open(path))
+    assert g.shape == (2 * 4 + 1, 3 * 5 + 2, 3)
+    assert (g[0, 0] == 0).all() and (g[5, 6] == 40).all() and (g[8, 14] == 50).all()
+    assert (g[4] == 128).all() and (g[:, 5] == 128).all()  # the gaps
+    with pytest.raises(ValueError, match="do not fill 4 rows"):
+        save_grid(samples, 4, tmp_path / "h.png")
