@@ -20,9 +20,12 @@ class EDMConfig:
     # Not in the paper (1.0: off, the published loss): tokens whose clean latents stand out from
     # their image's background (the per-channel median) by more than foreground_threshold *
     # sigma_data count foreground_weight times as much in the loss. For sparse images (a few
-    # small objects on a flat background) whose objects' tokens are rare.
+    # small objects on a flat background) whose objects' tokens are rare. Only samples noised to
+    # sigma >= foreground_sigma_min are weighted (0: all); below it every token weighs the same,
+    # so the background keeps its share of the low-noise loss, where its noise is removed.
     foreground_weight: float = 1.0
     foreground_threshold: float = 1.0
+    foreground_sigma_min: float = 0.0
 
 
 DEFAULT = EDMConfig()
@@ -140,6 +143,8 @@ def loss(model, x0, y, *, step: StepRandomness | None = None, mask_ratio: float 
             else 1.0 - drop_mask(ids_keep, T)  # (B, T)
         if config.foreground_weight != 1.0:
             fg = foreground_tokens(x0.detach(), p, config.foreground_threshold * config.sigma_data)
+            if config.foreground_sigma_min > 0:
+                fg = fg * (sigma.reshape(B, 1) >= config.foreground_sigma_min).to(fg.dtype)
             kept = kept * (1.0 + (config.foreground_weight - 1.0) * fg.to(kept.dtype))
         per_patch = patch_mean(err, p)  # (B, T)
         value = ((per_patch * kept).sum(dim=1) / kept.sum(dim=1)).mean()

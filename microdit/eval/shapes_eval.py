@@ -90,6 +90,22 @@ def _to_uint8_images(images) -> list[np.ndarray]:
     return out
 
 
+def background_noise(images, tolerance: float = 50.0) -> float:
+    """Mean over images of the rms deviation (0-255 units) from the image's median colour of the
+    pixels within `tolerance` of it in every channel: the grain a sampler leaves on a flat
+    background (0 for the Shapes' own images; objects, far from the background, do not count)."""
+    images = _to_uint8_images(images)
+    if not images:
+        raise ValueError("background_noise: no images")
+    rms = []
+    for im in images:
+        px = im.reshape(-1, 3).astype(np.float64)
+        dev = px - np.median(px, axis=0)
+        near = np.abs(dev).max(axis=1) < tolerance
+        rms.append(float(np.sqrt((dev[near] ** 2).mean())) if near.any() else float("nan"))
+    return float(np.nanmean(rms))
+
+
 def _two_tones(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Two-means along the main axis: stripes and checkers have two tones, noise a range of them.
     mean = pixels.mean(0)
@@ -334,7 +350,8 @@ class ShapesEval:
         return checks
 
     def score(self, images, prompts: Sequence[str]) -> dict:
-        """GenEval-style accuracies per category, their mean ("overall"), and per-prompt details.
+        """GenEval-style accuracies per category, their mean ("overall"), per-prompt details, and
+        the grain left on the backgrounds ("background_noise", `background_noise`; not in overall).
 
         images: uint8 (N, H, W, 3) arrays (or a list of (H, W, 3)), or float (N, 3, H, W) in
         [-1, 1] (torch or numpy); prompts: captions as written by `caption`.
@@ -342,7 +359,9 @@ class ShapesEval:
         images = _to_uint8_images(images)
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        return self.score_detections([self.detect(im) for im in images], prompts)
+        scores = self.score_detections([self.detect(im) for im in images], prompts)
+        scores["background_noise"] = background_noise(images)
+        return scores
 
     def score_detections(self, detections: Sequence[Sequence[dict]],
                          prompts: Sequence[str]) -> dict:

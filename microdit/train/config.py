@@ -80,9 +80,11 @@ class DiffusionSection:
     high_noise_P_std: float = 0.8
     # Not in the paper (1.0: the published loss): foreground tokens (those standing out from their
     # image's background by more than foreground_threshold * sigma_data) weigh this many times
-    # as much in the loss (edm.EDMConfig).
+    # as much in the loss, in the samples noised to sigma >= foreground_sigma_min (0: all;
+    # edm.EDMConfig).
     foreground_weight: float = 1.0
     foreground_threshold: float = 1.0
+    foreground_sigma_min: float = 0.0
 
     def edm_config(self, step: int | None = None) -> EDMConfig:
         """These constants as the EDMConfig that edm.loss takes (the sampler's stay EDMConfig's);
@@ -91,7 +93,8 @@ class DiffusionSection:
         return dataclasses.replace(EDM_DEFAULT, P_mean=self.high_noise_P_mean if early else self.P_mean,
                                    P_std=self.high_noise_P_std if early else self.P_std,
                                    sigma_data=self.sigma_data, foreground_weight=self.foreground_weight,
-                                   foreground_threshold=self.foreground_threshold)
+                                   foreground_threshold=self.foreground_threshold,
+                                   foreground_sigma_min=self.foreground_sigma_min)
 
 
 @dataclass
@@ -326,6 +329,7 @@ _RANGES = {
     "diffusion.high_noise_steps": (0, None, True, True), "diffusion.high_noise_P_std": (0, None, True, True),
     "diffusion.foreground_weight": (0, None, False, True),
     "diffusion.foreground_threshold": (0, None, True, True),
+    "diffusion.foreground_sigma_min": (0, None, True, True),
     "ema.decay": (0, 1, True, True), "ema.start_step": (0, None, True, True),
     "train.steps": (1, None, True, True), "train.global_batch": (1, None, True, True),
     "train.micro_batch": (1, None, True, True), "train.log_every": (1, None, True, True),

@@ -102,6 +102,8 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         f"guidance {scores['guidance']}):", "",
         "| " + " | ".join(cats) + " |", "|" + "---|" * len(cats),
         "| " + " | ".join(f"{scores.get(c, float('nan')):.2f}" for c in cats) + " |", "",
+        f"Background grain: {scores.get('background_noise', float('nan')):.1f} of 255 rms (the samples' "
+        "pixels near their background colour; 0 in the training images).", "",
         "## Samples", "",
         "One row per prompt, four seeds each (`final_samples/grid.png`); training-time grids are in `samples/`.", "",
         "![samples](final_samples/grid.png)", "",

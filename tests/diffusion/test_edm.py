@@ -82,7 +82,25 @@ def test_foreground_tokens_and_weighted_loss(model):
         for b in range(3):
             w = torch.tensor([5.0 if want[b, t] else 1.0 for t in keep[b].tolist()])
             per_sample.append((per_patch[b, keep[b]] * w).sum() / w.sum())
-    torch.testing.assert_close(loss, torch.stack(per_sample).mean())
+        torch.testing.assert_close(loss, torch.stack(per_sample).mean())
+        # foreground_sigma_min: samples noised below it weigh every kept token alike. Sample 0 (the
+        # object) gets the lowest sigma, under the cut; samples 1 and 2 stay above it.
+        rnd2 = rnd.clone()
+        rnd2[0] = -3.0
+        sigma2 = (rnd2 * 1.2 - 0.6).exp()
+        cut = float(sigma2[0]) * 1.01
+        assert (sigma2.flatten()[1:] > cut).all()
+        part = edm.loss(model, x0, y, rnd_normal=rnd2, noise=noise, ids_keep=keep,
+                        config=dataclasses.replace(cfg, foreground_sigma_min=cut))
+        full = edm.loss(model, x0, y, rnd_normal=rnd2, noise=noise, ids_keep=keep, config=cfg)
+        D = edm.denoise(model, x0 + noise * sigma2, sigma2, y, ids_keep=keep)
+        per_patch = edm.patch_mean((sigma2**2 + 0.81) / (sigma2 * 0.9) ** 2 * (D - x0) ** 2, 2)
+        want_part = [per_patch[0, keep[0]].mean()]
+        for b in (1, 2):
+            w = torch.tensor([5.0 if want[b, t] else 1.0 for t in keep[b].tolist()])
+            want_part.append((per_patch[b, keep[b]] * w).sum() / w.sum())
+        torch.testing.assert_close(part, torch.stack(want_part).mean())
+        assert not torch.allclose(part, full)  # sample 0's object was weighted without the cut
 
 
 def test_loss_random_masking_and_backward():

@@ -138,3 +138,20 @@ def test_accepts_float_tensors_and_is_json_serialisable(evaluator):
     assert a["counts"]["single_object"] == 4 and len(a["details"]) == 12
     with pytest.raises(ValueError):
         evaluator.score(images[:3], texts)
+
+
+def test_background_noise_reads_the_grain_on_a_flat_background(evaluator):
+    from microdit.eval.shapes_eval import background_noise
+
+    rng = np.random.default_rng(0)
+    flat = np.full((4, 32, 32, 3), 128, np.uint8)
+    flat[:, 8:20, 8:20] = (220, 30, 30)  # an object far from the background: not counted
+    assert background_noise(flat) == 0.0
+    grainy = np.clip(np.rint(flat + rng.normal(0, 6, flat.shape)), 0, 255).astype(np.uint8)
+    assert 5.5 < background_noise(grainy) < 6.5
+    prompts = [p.prompt for p in eval_prompts(4, seed=0)]
+    scores = evaluator.score(grainy, prompts)
+    assert scores["background_noise"] == pytest.approx(background_noise(grainy))
+    assert "background_noise" not in scores["counts"]  # reported, not a category of overall
+    with pytest.raises(ValueError, match="no images"):
+        background_noise([])
