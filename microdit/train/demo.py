@@ -112,16 +112,16 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         "## What you should see", "",
         "- The loss falls fast in the first ~200 steps, then slowly; it stays noisy because every step "
         "draws new noise levels.",
-        "- What this budget teaches (docs/demo_experiments.md, fifth to seventh rounds): the first "
+        "- What this budget teaches (docs/demo_experiments.md, fifth to eighth rounds): the first "
         "600 steps, at high noise only, teach where the caption puts each object; the rest, its "
         "colour, size and outline. Each sample should show the prompted shape in the prompt's "
         "colour, place and size: round circles, square squares, pointed triangles and diamonds, "
-        "with slightly ragged edges and a light grey speckle on the background (the loss weighs "
-        "the objects' tokens 10x, `diffusion.foreground_weight`, so the plain background's last "
-        "noise gets less of it). ShapesEval should read about 0.75 overall, single objects and "
-        "colours about 0.9; 4,500 steps sit in the middle of the stretch where the samples turn "
-        "from blobs into shapes, so a different machine's float rounding can move these by about "
-        "0.1-0.2 (0.47 to 0.75 overall across the seeds and machines tried).",
+        "with slightly ragged edges and a light grey grain on the background, about 9 of 255 "
+        "(the loss weighs the objects' tokens 10x, `diffusion.foreground_weight`, so the plain "
+        "background's last noise gets less of it; it shrinks with more steps). ShapesEval should "
+        "read about 0.8 overall, single objects and colours about 0.9, position about 0.8 (0.81 "
+        "to 0.84 across the seeds and machines tried; a different machine's float rounding "
+        "changes the run, not its level).",
         "- The same command gives the same numbers again (seeded data, noise and sampling).",
         "- Token-sized (4 x 4 px) coloured squares scattered over the image mean the model did not "
         "learn the layout at high noise: `python -m benches.demo_experiments --probe "
@@ -130,9 +130,10 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         "the layout came within 3,000 steps in one run of five). If the trainer warned at step 0 "
         "that the latents' std is far from `diffusion.sigma_data`, fix the scale first.", "",
         "## Going further", "",
-        "- More steps: `microdit train --config demo --steps 6000 --out runs/longer` (about 16 "
-        "minutes of this 2-core CPU) scored 0.90 overall on one core, single objects 1.00, colours "
-        "0.98, position 0.90, with cleaner backgrounds (docs/demo_experiments.md, seventh round).",
+        "- More steps: `microdit train --config demo --steps 6000 --out runs/longer` (about 18 "
+        "minutes of this 2-core CPU). Not run with this recipe; with 50% masking, 6,000 steps "
+        "scored 0.90 overall against 0.66-0.75 at 4,000-4,500, with half the background grain "
+        "(docs/demo_experiments.md, seventh and eighth rounds).",
         "- A bigger model: `microdit train --config demo model.preset=MicroDiT_Tiny_2 --out runs/tiny` "
         "(tens of times the compute per step: a GPU job).",
         "- A GPU: the same commands use it when one is visible (bf16 autocast); raise "
