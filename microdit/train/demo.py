@@ -116,7 +116,7 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         "600 steps, at high noise only, teach where the caption puts each object; the rest, its "
         "colour, size and outline. Each sample should show the prompted shape in the prompt's "
         "colour, place and size: round circles, square squares, pointed triangles and diamonds, "
-        "with slightly ragged edges and a light grey grain on the background, about 9 of 255 "
+        "with slightly ragged edges and a light grey grain on the background, about 9-13 of 255 "
         "(the loss weighs the objects' tokens 10x, `diffusion.foreground_weight`, so the plain "
         "background's last noise gets less of it; it shrinks with more steps). ShapesEval should "
         "read about 0.8 overall, single objects and colours about 0.9, position about 0.8 (0.81 "
