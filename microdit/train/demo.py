@@ -112,12 +112,12 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         "## What you should see", "",
         "- The loss falls fast in the first ~200 steps, then slowly; it stays noisy because every step "
         "draws new noise levels.",
-        "- What this budget teaches (docs/demo_experiments.md, fifth to eighth rounds): the first "
+        "- What this budget teaches (docs/demo_experiments.md, fifth to ninth rounds): the first "
         "600 steps, at high noise only, teach where the caption puts each object; the rest, its "
         "colour, size and outline. Each sample should show the prompted shape in the prompt's "
         "colour, place and size: round circles, square squares, pointed triangles and diamonds, "
-        "with slightly ragged edges and a light grey grain on the background, about 9-13 of 255 "
-        "(the loss weighs the objects' tokens 10x, `diffusion.foreground_weight`, so the plain "
+        "with slightly ragged edges and a light grey grain on the background, about 5 of 255 "
+        "(the loss weighs the objects' tokens 5x, `diffusion.foreground_weight`, so the plain "
         "background's last noise gets less of it; it shrinks with more steps). ShapesEval should "
         "read about 0.8 overall, single objects and colours about 0.9, position about 0.8 (0.81 "
         "to 0.84 across the seeds and machines tried; a different machine's float rounding "
@@ -144,7 +144,7 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         "(S = 0.9 / std of the images in [-1, 1]: 5 for the demo's grey Shapes, 1 for black-and-white "
         "images); the trainer's step-0 warning tells you the value. `microdit sample runs/mine "
         "\"your prompt\" --ema --out samples/` draws from it. The demo config weighs tokens that "
-        "stand out from a flat background 10x (`diffusion.foreground_weight`); for images without "
+        "stand out from a flat background 5x (`diffusion.foreground_weight`); for images without "
         "one (photographs, textures) set `diffusion.foreground_weight=1`, the published loss.",
     ]
     path = out / "REPORT.md"
