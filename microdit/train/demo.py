@@ -119,8 +119,8 @@ def write_report(out: Path, summary: dict, scores: dict, times: dict) -> Path:
         "with slightly ragged edges and a light grey grain on the background, about 5 of 255 "
         "(the loss weighs the objects' tokens 5x, `diffusion.foreground_weight`, so the plain "
         "background's last noise gets less of it; it shrinks with more steps). ShapesEval should "
-        "read about 0.8 overall, single objects and colours about 0.9, position about 0.8 (0.81 "
-        "to 0.84 across the seeds and machines tried; a different machine's float rounding "
+        "read about 0.85 overall, single objects and colours about 0.9, position about 0.85 (0.81 "
+        "to 0.94 across the seeds and machines tried; a different machine's float rounding "
         "changes the run, not its level).",
         "- The same command gives the same numbers again (seeded data, noise and sampling).",
         "- Token-sized (4 x 4 px) coloured squares scattered over the image mean the model did not "
