@@ -70,20 +70,14 @@ def load_folder(folder):
 
 
 def save_grid(samples: np.ndarray, rows: int, path, scale: int = 3, gap: int = 2) -> Path:
-    """(rows * cols, H, W, 3) uint8 samples, row-major -> one PNG, a mid-grey gap between images."""
-    from PIL import Image
+    """(rows * cols, H, W, 3) uint8 samples, row-major -> one PNG, a mid-grey gap between images
+    (white and black digits both stand out from it), no border."""
+    from microdit.train.sampling import save_grid as tile
 
-    n, h, w, _ = samples.shape
+    n = samples.shape[0]
     if rows < 1 or n % rows:
         raise ValueError(f"{n} samples do not fill {rows} rows")
-    cols = n // rows
-    grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 128, np.uint8)
-    for i, a in enumerate(samples):
-        r, c = divmod(i, cols)
-        grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = a
-    path = Path(path)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
-    return path
+    return tile(samples, path, n // rows, gap=gap, border=0, fill=128, scale=scale)
 
 
 def score(folder, run, per_prompt: int = 8, steps: int = 20, guidance: float = 3.0, grid=None) -> dict:

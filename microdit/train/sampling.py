@@ -95,17 +95,24 @@ def generate(model, prompts: list[str], data_info: dict, *, num_per_prompt: int 
                        batch_size=batch_size, jobs=jobs)
 
 
-def save_grid(images: np.ndarray, path, nrow: int) -> Path:
-    """Tile uint8 (N, H, W, 3) images into a PNG with `nrow` images per row."""
+def save_grid(images: np.ndarray, path, nrow: int, *, gap: int = 2, border: int | None = None,
+              fill: int = 255, scale: int = 1) -> Path:
+    """Tile uint8 (N, H, W, 3) images into a PNG with `nrow` images per row, `gap` pixels of
+    `fill` between them and `border` (default: `gap`) around them, magnified `scale` times."""
     from PIL import Image
 
     n, h, w, _ = images.shape
+    b = gap if border is None else border
     rows = (n + nrow - 1) // nrow
-    grid = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2, 3), 255, dtype=np.uint8)
+    grid = np.full((rows * (h + gap) - gap + 2 * b, nrow * (w + gap) - gap + 2 * b, 3), fill, dtype=np.uint8)
     for idx, img in enumerate(images):
         r, c = divmod(idx, nrow)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = img
+        y, x = b + r * (h + gap), b + c * (w + gap)
+        grid[y:y + h, x:x + w] = img
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    im = Image.fromarray(grid)
+    if scale != 1:
+        im = im.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    im.save(path)
     return path
