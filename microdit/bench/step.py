@@ -48,6 +48,29 @@ def backends_reasons(name: str) -> list[str]:
                 "|".join(ALL_OPS[op].impls)
             reasons.append(f"{part!r} is not reference, fast or OP=BACKEND (known: {known})")
     return reasons
+
+
+def pinned_unavailable(name: str) -> list[str]:
+    """Why a pinned configuration (OP=BACKEND[+...]) cannot run on this machine at all, from each
+    backend's own availability check (xformers not installed, no CUDA, ...); empty for
+    `reference`, `fast` and pins that can run. Such a configuration is listed as skipped with
+    these reasons rather than tried and failed; whether a backend supports the step's inputs is
+    only known when it runs (a failure then is a failed row with its error)."""
+    if name in BACKENDS:
+        return []
+    from ..ops import import_all
+    from ..ops.registry import ALL_OPS
+
+    import_all()
+    reasons = []
+    for part in name.split("+"):
+        op, _, backend = part.partition("=")
+        why = ALL_OPS[op].reasons(backend)
+        if why:
+            reasons.append(f"{op}={backend}: " + "; ".join(why))
+    return reasons
+
+
 MODES = ("eager", "compiled")
 
 
@@ -282,6 +305,7 @@ def run_matrix(spec: StepSpec, backends=BACKENDS, modes=MODES, precisions=None, 
     for b, m, p, reasons in configurations(backends, modes, precisions, device):
         if m == "compiled":
             reasons = reasons or compile_reasons()
+        reasons = reasons or pinned_unavailable(b)
         base = {"preset": spec.preset, "phase": spec.phase, "latent_size": spec.latent_size,
                 "mask_ratio": spec.mask_ratio, "micro_batch": spec.micro_batch, "backends": b, "mode": m,
                 "precision": p}
