@@ -1,7 +1,7 @@
 """Where a training step's time goes, by category, from torch.profiler.
 
-Module scopes (`microdit::attention`, `microdit::moe`) are pushed by forward hooks in eager
-mode; backward work is mapped to the forward op that created it through the autograd sequence
+Scopes (`microdit::attention` around each attention core, `microdit::moe` around each MoE
+layer) are pushed in eager mode (`module_scopes`); backward work is mapped to the forward op that created it through the autograd sequence
 number, so a backward GEMM of an expert counts as an expert GEMM. Each profiled op's *self*
 time goes to exactly one category, so on the CPU the categories partition the step; on a GPU
 they hold kernel time and `idle` is the step time no kernel covered (host-bound gaps). Under
@@ -43,6 +43,29 @@ def _scopes(chain) -> set[str]:
     return {e.name for e in chain if e.name.startswith("microdit::")}
 
 
+def _product_shape(mats: list[tuple]) -> tuple | None:
+    """The result shape of the first two consecutive operands that multiply ((n, k) @ (k, m),
+    (b, n, k) @ (b, k, m)); None when none do. Skips an addmm's bias, which comes first."""
+    for a, b in zip(mats, mats[1:]):
+        if len(a) == len(b) and a[-1] == b[-2] and a[:-2] == b[:-2]:
+            return a[:-1] + b[-1:]
+    return None
+
+
+def _expert_gemm(names, shapes, expert_shapes) -> bool:
+    """Whether a GEMM inside an MoE layer multiplies an expert weight or produces one (a weight
+    gradient): judged on the GEMM ops' own operands along the chain, never on an enclosing
+    call's inputs (the MoE function takes the expert weights beside the router's)."""
+    for name, shp in zip(names, shapes):
+        if not (name.startswith("aten::") and _GEMM.search(name)) or not shp:
+            continue
+        mats = [tuple(x) for x in shp if x and len(x) in (2, 3)]
+        out = _product_shape(mats)
+        if any(m in expert_shapes for m in mats) or (out is not None and out in expert_shapes):
+            return True
+    return False
+
+
 def classify(names: list[str], scopes: set[str], expert_shapes: set[tuple]=frozenset(),
              shapes: list=()) -> str:
     """The category of an op with `names` (itself, then its ancestors and, for backward work,
@@ -53,13 +76,13 @@ def classify(names: list[str], scopes: set[str], expert_shapes: set[tuple]=froze
     gemm = bool(_GEMM.search(names[0]) or _GEMM_BACKWARD.search(text) or
                 any(_GEMM.search(n) for n in names if n.startswith("aten::")))
     if "microdit::moe" in scopes or _MOE.search(text):
-        expert = any(tuple(s) in expert_shapes for shp in shapes for s in (shp or ()) if s)
-        return "expert_gemm" if gemm and expert else "moe_dispatch_combine"
+        return "expert_gemm" if gemm and _expert_gemm(names, shapes, expert_shapes) else "moe_dispatch_combine"
     if "microdit::masking" in scopes or _MASKING.search(text):
         return "masking"
     if "microdit::attention" in scopes or _ATTENTION.search(text):
-        # Inside an attention module the projections (nn.Linear) are dense GEMMs and q/k norms
-        # are norms; the rest (SDPA, or the reference's matmul-softmax-matmul) is attention.
+        # The scope holds the attention core alone (module_scopes), whatever the projections
+        # are (nn.Linear, FP8 _scaled_mm, Transformer Engine); a linear or LayerNorm that still
+        # lands here (an attention module profiled by hand) is not attention.
         if "aten::linear" not in names and not re.search(r"layer_norm", text):
             return "attention"
     if gemm:
@@ -69,13 +92,29 @@ def classify(names: list[str], scopes: set[str], expert_shapes: set[tuple]=froze
     return "other"
 
 
+class _ScopedOp:
+    """An op of a layer, called inside a profiler scope (module_scopes puts it in place)."""
+
+    def __init__(self, op, scope: str):
+        self.op, self.scope = op, scope
+
+    def __call__(self, *args, **kwargs):
+        with torch.profiler.record_function(self.scope):
+            return self.op(*args, **kwargs)
+
+    def __getattr__(self, name):  # describe(), backend, ... of the op
+        return getattr(self.op, name)
+
+
 @contextmanager
 def module_scopes(model: nn.Module, masking_fns=()):
-    """Forward hooks that open `microdit::attention` / `microdit::moe` scopes around the
-    attention cores and MoE layers of `model` (eager mode only)."""
+    """Profiler scopes (eager mode only): `microdit::attention` around each attention layer's
+    core (its `attention` op: SDPA, flash, the reference's matmul-softmax-matmul; not the q/kv/out
+    projections, which are GEMMs whatever runs them, FP8 included) and `microdit::moe` around
+    each MoE layer (forward hooks)."""
     from ..nn.layers import CrossAttention, ExpertChoiceMoE, SelfAttention
 
-    handles, open_ = [], {}
+    handles, open_, swapped = [], {}, []
 
     def enter(name):
         def pre(mod, args):
@@ -88,15 +127,18 @@ def module_scopes(model: nn.Module, masking_fns=()):
         open_[id(mod)].pop().__exit__(None, None, None)
 
     for m in model.modules():
-        name = ("microdit::moe" if isinstance(m, ExpertChoiceMoE) else
-                "microdit::attention" if isinstance(m, (SelfAttention, CrossAttention)) else None)
-        if name:
-            handles += [m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave)]
+        if isinstance(m, ExpertChoiceMoE):
+            handles += [m.register_forward_pre_hook(enter("microdit::moe")), m.register_forward_hook(leave)]
+        elif isinstance(m, (SelfAttention, CrossAttention)) and "attention" in vars(m):
+            swapped.append((m, m.attention))
+            m.attention = _ScopedOp(m.attention, "microdit::attention")
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        for m, op in swapped:
+            m.attention = op
 
 
 def expert_weight_shapes(model: nn.Module) -> set[tuple]:
@@ -108,7 +150,10 @@ def expert_weight_shapes(model: nn.Module) -> set[tuple]:
         if isinstance(m, ExpertChoiceMoE):
             for p in m.parameters():
                 if p.dim() == 3:
-                    shapes |= {tuple(p.shape), (p.shape[0], p.shape[2], p.shape[1])}
+                    # the batched weight, and one expert's slice (the FP8 path multiplies expert
+                    # by expert), each either way round
+                    shapes |= {tuple(p.shape), (p.shape[0], p.shape[2], p.shape[1]),
+                               tuple(p.shape[1:]), (p.shape[2], p.shape[1])}
     return shapes
 
 

@@ -71,6 +71,12 @@ def test_classify_rules():
     assert profile.classify(["aten::bmm", "microdit::moe"], {"microdit::moe"}, E, [[[4, 64, 128]]]) == "expert_gemm"
     assert profile.classify(["aten::bmm", "microdit::moe"], {"microdit::moe"}, E, [[[2, 8, 64]]]) \
         == "moe_dispatch_combine"
+    # a weight gradient: its operands are activations, its result an expert weight
+    assert profile.classify(["aten::bmm"], {"microdit::moe"}, E, [[[4, 64, 16], [4, 16, 128]]]) == "expert_gemm"
+    # the router inside the MoE function, whose own inputs hold the expert weights: not an expert GEMM
+    assert profile.classify(["aten::mm", "aten::linear", "_MoEExt"], {"microdit::moe"}, E,
+                            [[[32, 64], [64, 4]], [[2, 16, 64], [4, 64], []], [[2, 16, 64], [4, 64], [4, 64, 128]]]) \
+        == "moe_dispatch_combine"
     assert profile.classify(["aten::addmm", "aten::linear", "microdit::attention"], {"microdit::attention"}) \
         == "dense_gemm"
     assert profile.classify(["aten::_scaled_dot_product_flash_attention_for_cpu", "microdit::attention"],
@@ -162,3 +168,48 @@ def test_ratios_compare_compiled_with_compiled_and_reference_runs_the_published_
     assert spec.train_config("fast", "compiled", "fp32", "/tmp/x").optim.fused is True
     forced = step.StepSpec(**{**TINY, "overrides": ["optim.fused=false"]}).resolved()
     assert forced.train_config("fast", "eager", "fp32", "/tmp/x").optim.fused is False
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_projections_are_gemms_and_the_core_is_attention(precision, monkeypatch):
+    """The attention scope holds only the attention core: the q/kv/out projections are dense
+    GEMMs also when FP8 runs them through torch._scaled_mm (no aten::linear then), and FP8
+    expert GEMMs (one expert at a time) are expert GEMMs."""
+    import contextlib
+    import tempfile
+
+    from microdit.bench import step
+
+    seen = []
+    real = profile.classify
+
+    def record(names, scopes, expert_shapes=frozenset(), shapes=()):
+        cat = real(names, scopes, expert_shapes, shapes)
+        seen.append((names[0], "microdit::attention" in scopes, "microdit::moe" in scopes, cat))
+        return cat
+
+    monkeypatch.setattr(profile, "classify", record)
+    spec = step.StepSpec(preset="MicroDiT_Test_2", phase=1, device="cpu", micro_batch=2, latent_size=8,
+                         overrides=["fp8.backend=torch"] if precision == "fp8" else []).resolved()
+    with tempfile.TemporaryDirectory() as out, step.backend_choice("fast"):
+        trainer = step.make_trainer(spec, "fast", "eager", precision, out)
+        batches = [next(iter(trainer.loader))] * trainer.accum
+        trainer.step_once(batches)
+        attn_ops = [m.attention for m in trainer.raw.modules() if hasattr(m, "qk_norm")]
+        with profile.module_scopes(trainer.raw), torch.profiler.profile(record_shapes=True) as prof:
+            with torch.profiler.record_function(profile.STEP_SCOPE):
+                trainer.step_once(batches)
+        # the layers get their own ops back
+        assert [m.attention for m in trainer.raw.modules() if hasattr(m, "qk_norm")] == attn_ops
+        cats = profile.categorize(prof.events(), "cpu", profile.expert_weight_shapes(trainer.raw))
+        trainer.lock.release()
+    assert cats["categories_ms"]["attention"] > 0 and cats["categories_ms"]["expert_gemm"] > 0
+    scaled = [(a, m, c) for n, a, m, c in seen if n == "aten::_scaled_mm"]
+    if precision == "fp8":
+        assert scaled and {c for _, _, c in scaled} <= {"dense_gemm", "expert_gemm"}
+        assert {c for _, m, c in scaled if m} == {"expert_gemm"}  # every FP8 GEMM in an MoE layer
+        assert any(c == "dense_gemm" for _, m, c in scaled if not m)
+    else:
+        assert not scaled
+    # nothing in the attention scope is a linear
+    assert not [n for n, a, _, c in seen if a and c == "attention" and n in ("aten::linear", "aten::addmm", "aten::_scaled_mm")]
