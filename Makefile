@@ -29,6 +29,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --no-deps $$($(EXTRA) eval) || echo "NOTE: eval extra not installable here; FID/KID and CLIP-score library checks are skipped"
 	$(PY) -m pip install $$($(EXTRA) triton) || echo "NOTE: triton not installable here; Triton backends and tests are skipped"
 	$(PY) -m pip install $$($(EXTRA) dali) || echo "NOTE: DALI not installable here; DALI loader tests are skipped"
+	$(PY) -m pip install --no-deps $$($(EXTRA) fp8) || echo "NOTE: torchao not installable here; its FP8 backend tests are skipped"
 	$(PY) -m pip install --no-deps $(MDS_WRITER) || echo "NOTE: mosaicml-streaming not installable here; MDS tests are skipped"
 	touch $@
 

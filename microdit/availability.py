@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 
 import torch
@@ -31,10 +32,19 @@ class Missing:
         return f"Missing({self._name!r}: {self._reason})"
 
 
-def optional_module(name: str, hint: str, *, doc: str = ""):
-    """A cached getter of optional module `name`: the module, or a Missing stub saying why (`hint`)."""
+def optional_module(name: str, hint: str, *, doc: str = "", quiet: tuple[str, ...] = ()):
+    """A cached getter of optional module `name`: the module, or a Missing stub saying why (`hint`).
+    `quiet`: loggers silenced below ERROR while importing (a package's import-time chatter)."""
     def get():
-        return _import(name, hint)
+        loggers = [logging.getLogger(q) for q in quiet]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            return _import(name, hint)
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
     get.__name__, get.__doc__ = name.replace(".", "_"), doc
     return functools.cache(get)
@@ -276,10 +286,14 @@ transformer_engine = optional_module(
     doc='`transformer_engine.pytorch` (FP8 linears, DotProductAttention), or a Missing stub.')
 
 
+# torchao's PyPI wheel carries CUDA kernels (mxfp8, CUTLASS) that it tries to load at import and
+# warns about beside a CPU torch, and torch warns about one of its pytree registrations; its float8
+# training uses neither (it calls torch._scaled_mm).
 torchao_float8 = optional_module(
-    "torchao.float8", "Install it: pip install torchao (its float8 training needs a "
-    "CUDA GPU with FP8 tensor cores: sm89 or newer).",
-    doc='`torchao.float8` (FP8 training of nn.Linear), or a Missing stub saying why.')
+    "torchao.float8", "Install it: pip install 'microdit[fp8]' (torchao; its float8 training runs "
+    "wherever torch._scaled_mm does: CUDA sm89 or newer, and the CPU with a recent torch).",
+    doc='`torchao.float8` (FP8 training of nn.Linear), or a Missing stub saying why.',
+    quiet=("torchao", "torch.utils._pytree"))
 
 
 def flash_attn_reasons() -> list[str]:
@@ -312,11 +326,30 @@ def fp8_gpu_reasons() -> list[str]:
 
 
 def torchao_float8_reasons() -> list[str]:
-    if fp8_gpu_reasons():
-        return fp8_gpu_reasons() + ["torchao float8 training runs on CUDA FP8 tensor cores only "
-                                    "(pip install torchao beside a CUDA torch)"]
+    """torchao float8 training runs where torch._scaled_mm does: on a CUDA GPU with FP8 tensor
+    cores, or (without CUDA) on the CPU when this torch has a CPU _scaled_mm (slow: for checks)."""
     mod = torchao_float8()
-    return [] if mod else [repr(mod)]
+    if not mod:
+        return [repr(mod)]
+    if torch.cuda.is_available():
+        return fp8_gpu_reasons()
+    return cpu_scaled_mm_reasons()
+
+
+@functools.cache
+def cpu_scaled_mm_reasons() -> list[str]:
+    """Why torch._scaled_mm cannot multiply FP8 tensors on the CPU here (tried once)."""
+    if scaled_mm_reasons():
+        return scaled_mm_reasons()
+    try:
+        a = torch.ones(16, 16, dtype=torch.float8_e4m3fn)
+        one = torch.ones((), dtype=torch.float32)
+        out = torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        if float(out[0, 0]) != 16.0:
+            return [f"torch {torch.__version__}'s CPU _scaled_mm gave {float(out[0, 0])} for 16 (expected 16)"]
+    except Exception as e:  # RuntimeError "not implemented for CPU" in older torch
+        return [f"torch {torch.__version__} has no CPU torch._scaled_mm ({type(e).__name__}: {str(e)[:120]})"]
+    return []
 
 
 def scaled_mm_reasons() -> list[str]:

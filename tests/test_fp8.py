@@ -119,8 +119,14 @@ def test_convert_bad_input():
         fp8.convert(small_model(), backend="torch", recipe="blockwise")
     with pytest.raises(BackendError, match="transformer_engine"):
         fp8.convert(small_model(), backend="transformer_engine")
-    with pytest.raises(BackendError, match="torchao"):
-        fp8.convert(small_model(), backend="torchao")
+    from microdit import availability
+
+    if availability.torchao_float8_reasons():  # not installed (or no FP8 GEMM here): refused, naming it
+        with pytest.raises(BackendError, match="torchao"):
+            fp8.convert(small_model(), backend="torchao")
+    else:  # installed: its recipes are tensorwise and rowwise only
+        with pytest.raises(ValueError, match="torchao has no 'delayed'"):
+            fp8.convert(small_model(), backend="torchao", recipe="delayed")
 
 
 def test_state_dict_is_the_published_format_both_ways():
@@ -317,4 +323,126 @@ def test_info_lists_the_fp8_backends_with_reasons():
     for backend in ("torch", "emulated", "torchao", "transformer_engine"):
         assert backend in block
     if not torch.cuda.is_available():
-        assert "CUDA" in [l for l in block.splitlines() if l.strip().startswith("torchao")][0]
+        assert "CUDA" in [l for l in block.splitlines() if l.strip().startswith("transformer_engine")][0]
+    from microdit import availability
+
+    line = [l for l in block.splitlines() if l.strip().startswith("torchao")][0]
+    why = availability.torchao_float8_reasons()
+    assert ("unavailable" in line and why[0][:40] in line) if why else line.rstrip().endswith("available")
+
+
+# torchao's float8 training, checked on the CPU (its Float8Linear calls torch._scaled_mm, which
+# runs here) against the torch backend and the FP8 error rule: the `torchao` backend's own code
+# and torchao's, not a stand-in.
+def torchao_reasons():
+    from microdit import availability
+
+    return availability.torchao_float8_reasons()
+
+
+needs_torchao = pytest.mark.skipif(bool(torchao_reasons()), reason="; ".join(torchao_reasons()))
+
+
+def torchao_linear(lin, recipe):
+    """torchao's Float8Linear of a copy of `lin` (fp8.convert takes a MicroDiT's block linears)."""
+    from microdit import availability
+
+    ao = availability.torchao_float8()
+    m = torch.nn.Sequential(copy.deepcopy(lin))
+    ao.convert_to_float8_training(m, config=ao.Float8LinearConfig.from_recipe_name(recipe))
+    return m[0]
+
+
+@needs_torchao
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("shape", [(37, 48, 24), (5, 77, 123), (64, 64, 96)], ids=str)
+def test_torchao_within_fp8_error_and_equal_to_the_torch_backend(shape, recipe):
+    """The same rule as ours for the forward and both gradients; tensorwise, both are dynamic
+    amax scaling to e4m3 (e5m2 for the output gradient) through torch._scaled_mm, so they agree
+    to float32 rounding. Rowwise differs in details (torchao rounds scales to powers of two)."""
+    M, K, N = shape
+    g = torch.Generator().manual_seed(M * K + N)
+    lin = torch.nn.Linear(K, N, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, K, generator=g) * K**-0.5)
+    x = (torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 3).requires_grad_()
+    dy = torch.randn(M, N, generator=g)
+    ao = torchao_linear(lin, recipe)
+    assert type(ao).__name__ == "Float8Linear"
+    y = ao(x)
+    dx, dw = torch.autograd.grad(y, (x, ao.weight), dy)
+    x64, w64, dy64 = x.detach().double(), lin.weight.detach().double(), dy.double()
+    fwd, grad = fp8.recipe_dtypes(recipe)
+    rowwise = recipe == "rowwise"
+    check_within(y, x64 @ w64.T, gemm_bound(x64, w64.T, fwd, fwd, rowwise), "torchao forward")
+    check_within(dx, dy64 @ w64, gemm_bound(dy64, w64, grad, fwd, rowwise), "torchao dx")
+    check_within(dw, dy64.T @ x64, gemm_bound(dy64.T, x64, grad, fwd, rowwise), "torchao dw")
+    assert (y.double() - x64 @ w64.T).abs().max() > 1e-3 * (x64 @ w64.T).abs().max()  # really FP8
+    if recipe == "tensorwise":
+        ours = fp8.Fp8Linear.from_linear(copy.deepcopy(lin), recipe, False)
+        xo = x.detach().clone().requires_grad_()
+        yo = ours(xo)
+        dxo, dwo = torch.autograd.grad(yo, (xo, ours.weight), dy)
+        for a, b, what in ((y, yo, "y"), (dx, dxo, "dx"), (dw, dwo, "dw")):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=what)
+
+
+@needs_torchao
+def test_torchao_backend_converts_the_block_linears_and_keeps_the_published_format():
+    ref = small_model()
+    model = fp8.convert(copy.deepcopy(ref), backend="torchao", recipe="tensorwise")
+    converted = {n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"}
+    where = {id(m): n for n, m in ref.named_modules()}
+    assert converted == {f"{where[id(parent)]}.{name}" for parent, name, _ in fp8.block_linears(ref)}
+    assert all(type(m) is ExpertChoiceMoE for m in model.modules() if isinstance(m, ExpertChoiceMoE))
+    sd = model.state_dict()
+    assert list(sd) == list(ref.state_dict()) and all(torch.equal(sd[k], v) for k, v in ref.state_dict().items())
+    plain = small_model()
+    plain.load_state_dict(sd, strict=True)
+    back = fp8.convert(small_model(), backend="torchao")
+    back.load_state_dict(plain.state_dict(), strict=True)
+    # it runs, and in FP8: close to the float32 model, not equal to it (weights off their init,
+    # whose zero final layer and adaLN would make every output 0)
+    c = ref.config
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        model.load_state_dict(ref.state_dict(), strict=True)
+    args = (torch.randn(2, c.in_channels, c.input_size, c.input_size, generator=g), torch.randn(2, generator=g).exp(),
+            torch.randn(2, 7, c.caption_channels, generator=g))
+    with torch.no_grad():
+        out, out32 = model(*args), ref(*args)
+    rel = ((out - out32).norm() / out32.norm()).item()
+    assert 0 < rel < 0.2, rel
+
+
+@needs_torchao
+def test_training_step_with_torchao_runs_its_linears_through_scaled_mm(tmp_path, monkeypatch):
+    """train.precision=fp8 with fp8.backend=torchao: each Float8Linear runs one _scaled_mm forward
+    and two backward; the experts stay in high precision with this backend. (torchao calls
+    torch._scaled_mm inside its tensor subclass's dispatch, below any dispatch mode: counted at
+    the Python function.)"""
+    from microdit.train.config import load_config
+    from microdit.train.trainer import Trainer
+    from tests.train.fakes import DATA_INFO, MemoryLoader
+
+    cfg = load_config(None, [f"out={tmp_path}", "model.preset=MicroDiT_Test_2", "train.precision=fp8",
+                             "fp8.backend=torchao", "train.global_batch=2", "train.micro_batch=2", "train.steps=1",
+                             "train.tensorboard=false", "diffusion.mask_ratio=0.5"])
+    t = Trainer(cfg, MemoryLoader(batch_size=2), DATA_INFO)
+    linears = sum(type(m).__name__ == "Float8Linear" for m in t.raw.modules())
+    assert linears == len(list(fp8.block_linears(small_model())))
+    calls, real = [], torch._scaled_mm
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counted)
+    loss, _ = t.train_step([next(iter(t.loader))])
+    assert torch.isfinite(loss)
+    assert len(calls) == 3 * linears
+    t.optimizer.step()
+    assert all(torch.isfinite(p).all() for p in t.raw.parameters())
+
