@@ -16,7 +16,8 @@
 #                                                        tests/bench/test_gpu_check.py runs it)
 # Default stages, in order of what issue 11's "Must show" needs first: env (driver, versions,
 # microdit info) -> wheels -> build the extension with the CUDA toolkit matching torch's (a static
-# runtime newer than the driver fails at the first launch) -> gpu-marked tests -> `microdit bench`
+# runtime newer than the driver fails at the first launch) -> gpu-marked tests -> the Triton
+# kernels compiled for the GPU -> `microdit bench`
 # of MicroDiT_XL_2 at phases 1 and 3: reference vs fast in bf16 and FP8, then the fast step with
 # each attention backend pinned -> the cost report again from the file.
 set -u
@@ -89,9 +90,11 @@ build() {
 if [ "$DRY" = 1 ]; then  # small and slow machine: generous timeouts, tiny shapes
   PRESET=MicroDiT_Test_2; DEV=cpu; STEPS="--steps 1 --warmup 0 --micro-batch 1 --latent-size 8"
   PRECISIONS="--precision fp32 --precision fp8"; HALF="--precision fp32"
-  TESTS="-q tests/bench/test_cost.py"; KBENCH="benches/bench_train_step.py -k eager"
+  TESTS="-q tests/bench/test_cost.py"; KTESTS="-q tests/kernels/test_triton_swiglu.py"
+  KBENCH="benches/bench_train_step.py -k eager"
   export MICRODIT_BENCH_PRESET=$PRESET
-  T_ENV=120 T_WHEELS=60 T_BUILD=300 T_INFO=120 T_TESTS=120 T_PREC=400 T_ATTN=300 T_COMP=600 T_KB=180 T_REPORT=120
+  T_ENV=120 T_WHEELS=60 T_BUILD=300 T_INFO=120 T_TESTS=120 T_KTESTS=120 T_PREC=400 T_ATTN=300 T_COMP=600 T_KB=180
+  T_REPORT=120
 else
   # The phases' own per-GPU batches (256 at phase 1, 32 at phase 3); 1 + 1 + 4 timed + 1
   # profiled steps a configuration: at the paper's rate (3.2 s and 1.5 s a step on one H100)
@@ -99,11 +102,15 @@ else
   PRESET=MicroDiT_XL_2; DEV=cuda; STEPS="--steps 4 --warmup 2"
   PRECISIONS="--precision bf16 --precision fp8"; HALF="--precision bf16"
   TESTS="tests -m gpu -v -rfE --continue-on-collection-errors --timeout 60"
+  # The Triton kernels compiled for the GPU, float32 and bfloat16 (not `gpu`-marked: on a CPU
+  # they run in the interpreter, through tests/ops/test_triton_interpreter.py).
+  KTESTS="tests/kernels -v -rfE --timeout 60"
   KBENCH="benches -k cuda --ignore=benches/bench_train_step.py"
-  # 15 + 20 + 110 + 10 + 90 + 170 + 120 + 15 = 550 s at most (the default stages).
-  T_ENV=15 T_WHEELS=20 T_BUILD=110 T_INFO=10 T_TESTS=90 T_PREC=170 T_ATTN=120 T_COMP=240 T_KB=60 T_REPORT=15
+  # 15 + 20 + 110 + 10 + 60 + 60 + 160 + 100 + 15 = 550 s at most (the default stages).
+  T_ENV=15 T_WHEELS=20 T_BUILD=110 T_INFO=10 T_TESTS=60 T_KTESTS=60 T_PREC=160 T_ATTN=100 T_COMP=240 T_KB=60
+  T_REPORT=15
 fi
-STAGES=${STAGES:-wheels build microdit_info_after_build gpu_tests bench_precision bench_attention report}
+STAGES=${STAGES:-wheels build microdit_info_after_build gpu_tests triton_tests bench_precision bench_attention report}
 wanted() { case " $STAGES " in *" $1 "*) return 0 ;; *) echo "=== $1: not in STAGES" | tee -a "$LOG"; return 1 ;; esac; }
 
 # Carried wheels (benches/fetch_gpu_wheels.sh; carry [".whl"]) into /tmp/site, which stays on
@@ -129,6 +136,8 @@ wanted build && stage build "$T_BUILD" bash -c build
 wanted microdit_info_after_build && stage microdit_info_after_build "$T_INFO" "$PY" -m microdit.cli info
 # shellcheck disable=SC2086
 wanted gpu_tests && stage gpu_tests "$T_TESTS" "$PY" -m pytest -p no:cacheprovider $TESTS
+# shellcheck disable=SC2086
+wanted triton_tests && stage triton_tests "$T_KTESTS" "$PY" -m pytest -p no:cacheprovider $KTESTS
 # The headline run (issue 11): bf16 against FP8, the fast ops against the published ones, at
 # phases 1 and 3, eager. The files are rewritten after each phase, so a timeout keeps phase 1.
 # shellcheck disable=SC2086

@@ -19,8 +19,8 @@ def test_gpu_check_dry_run(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stages = dict(line.split() for line in (tmp_path / "stages.txt").read_text().splitlines())
-    assert list(stages) == ["env", "wheels", "build", "microdit_info_after_build", "gpu_tests", "bench_precision",
-                            "bench_attention", "report"]
+    assert list(stages) == ["env", "wheels", "build", "microdit_info_after_build", "gpu_tests", "triton_tests",
+                            "bench_precision", "bench_attention", "report"]
     assert all(rc == "0" for rc in stages.values()), (stages, (tmp_path / "gpu_check.log").read_text()[-3000:])
     outs = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
     assert len(outs) <= 8  # what the device tool returns
