@@ -281,6 +281,12 @@ def _convert_torch(model, recipe, emulate=False):
     _check_recipe(recipe)
     for parent, name, lin in list(block_linears(model)):
         setattr(parent, name, Fp8Linear.from_linear(lin, recipe, emulate))
+    return _experts_to_fp8(model, recipe, emulate)
+
+
+def _experts_to_fp8(model, recipe, emulate=False):
+    """Every MoE layer's expert GEMMs through torch._scaled_mm (the libraries' FP8 linears do
+    not cover a per-expert batched GEMM; the tensorwise recipe here is torchao's own, bit for bit)."""
     for m in list(model.modules()):
         if type(m) is ExpertChoiceMoE:
             Fp8ExpertChoiceMoE.from_moe(m, recipe, emulate)
@@ -311,7 +317,8 @@ TORCHAO_RECIPES = {"tensorwise": "tensorwise", "rowwise": "rowwise"}
 @fp8_op.register("torchao", priority=5, available=availability.torchao_float8_reasons)
 def convert_torchao(model, recipe):
     """torchao float8 training on the block linears (its Float8Linear is an nn.Linear: same state
-    dict). Expert GEMMs stay in high precision here: torchao's grouped FP8 GEMM is not used."""
+    dict); the expert GEMMs in FP8 through torch._scaled_mm with the same recipe (torchao's
+    grouped FP8 GEMM is not used)."""
     _check_recipe(recipe)
     if recipe not in TORCHAO_RECIPES:
         raise ValueError(f"fp8 backend torchao has no {recipe!r} recipe (it has: {', '.join(TORCHAO_RECIPES)})")
@@ -322,13 +329,14 @@ def convert_torchao(model, recipe):
     ao.convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: id(m) in chosen)
     for parent, name in slots:  # whatever state a torchao version adds stays beside the published format
         keep_published_format(getattr(parent, name))
-    return model
+    return _experts_to_fp8(model, recipe)
 
 
 @fp8_op.register("transformer_engine", priority=5,
                  available=_fp8_gpu_library_reasons(availability.transformer_engine_reasons))
 def convert_transformer_engine(model, recipe):
-    """te.Linear for the block linears, run inside te.fp8_autocast (see `autocast`)."""
+    """te.Linear for the block linears, run inside te.fp8_autocast (see `autocast`); the expert
+    GEMMs in FP8 through torch._scaled_mm with the same recipe (te.GroupedLinear is not used)."""
     _check_recipe(recipe)
     te = availability.transformer_engine()
 
@@ -342,6 +350,7 @@ def convert_transformer_engine(model, recipe):
         return new
 
     replace_block_linears(model, make)
+    _experts_to_fp8(model, recipe)
     model._fp8_te_recipe = recipe
     return model
 

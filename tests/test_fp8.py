@@ -394,7 +394,8 @@ def test_torchao_backend_converts_the_block_linears_and_keeps_the_published_form
     converted = {n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"}
     where = {id(m): n for n, m in ref.named_modules()}
     assert converted == {f"{where[id(parent)]}.{name}" for parent, name, _ in fp8.block_linears(ref)}
-    assert all(type(m) is ExpertChoiceMoE for m in model.modules() if isinstance(m, ExpertChoiceMoE))
+    moes = [m for m in model.modules() if isinstance(m, ExpertChoiceMoE)]
+    assert moes and all(isinstance(m, fp8.Fp8ExpertChoiceMoE) and m.recipe == "tensorwise" for m in moes)
     sd = model.state_dict()
     assert list(sd) == list(ref.state_dict()) and all(torch.equal(sd[k], v) for k, v in ref.state_dict().items())
     plain = small_model()
@@ -420,7 +421,7 @@ def test_torchao_backend_converts_the_block_linears_and_keeps_the_published_form
 @needs_torchao
 def test_training_step_with_torchao_runs_its_linears_through_scaled_mm(tmp_path, monkeypatch):
     """train.precision=fp8 with fp8.backend=torchao: each Float8Linear runs one _scaled_mm forward
-    and two backward; the experts stay in high precision with this backend. (torchao calls
+    and two backward, each expert (through the torch backend's path) two and four. (torchao calls
     torch._scaled_mm inside its tensor subclass's dispatch, below any dispatch mode: counted at
     the Python function.)"""
     from microdit.train.config import load_config
@@ -433,6 +434,8 @@ def test_training_step_with_torchao_runs_its_linears_through_scaled_mm(tmp_path,
     t = Trainer(cfg, MemoryLoader(batch_size=2), DATA_INFO)
     linears = sum(type(m).__name__ == "Float8Linear" for m in t.raw.modules())
     assert linears == len(list(fp8.block_linears(small_model())))
+    experts = sum(m.w1.shape[0] for m in t.raw.modules() if isinstance(m, fp8.Fp8ExpertChoiceMoE))
+    assert experts > 0
     calls, real = [], torch._scaled_mm
 
     def counted(*args, **kwargs):
@@ -442,7 +445,7 @@ def test_training_step_with_torchao_runs_its_linears_through_scaled_mm(tmp_path,
     monkeypatch.setattr(torch, "_scaled_mm", counted)
     loss, _ = t.train_step([next(iter(t.loader))])
     assert torch.isfinite(loss)
-    assert len(calls) == 3 * linears
+    assert len(calls) == 3 * linears + 6 * experts
     t.optimizer.step()
     assert all(torch.isfinite(p).all() for p in t.raw.parameters())
 
