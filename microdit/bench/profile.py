@@ -43,25 +43,35 @@ def _scopes(chain) -> set[str]:
     return {e.name for e in chain if e.name.startswith("microdit::")}
 
 
-def _product_shape(mats: list[tuple]) -> tuple | None:
-    """The result shape of the first two consecutive operands that multiply ((n, k) @ (k, m),
-    (b, n, k) @ (b, k, m)); None when none do. Skips an addmm's bias, which comes first."""
-    for a, b in zip(mats, mats[1:]):
-        if len(a) == len(b) and a[-1] == b[-2] and a[:-2] == b[:-2]:
-            return a[:-1] + b[-1:]
+def _product_shape(name: str, mats: list[tuple]) -> tuple | None:
+    """The result shape of GEMM op `name` from its matrix operands `mats` (2-D and 3-D inputs in
+    order), or None when they do not multiply: addmm / baddbmm take their last two (the first is
+    the added input), linear x @ W^T, the rest (mm, bmm, matmul, _scaled_mm) their first two."""
+    if len(mats) < 2:
+        return None
+    if name.endswith("linear"):
+        x, w = mats[0], mats[1]
+        return x[:-1] + (w[0],) if len(w) == 2 and x[-1] == w[1] else None
+    a, b = mats[-2:] if re.search(r"add(b)?mm|baddbmm", name) else mats[:2]
+    if len(a) == len(b) and a[-1] == b[-2] and a[:-2] == b[:-2]:
+        return a[:-1] + b[-1:]
     return None
 
 
 def _expert_gemm(names, shapes, expert_shapes) -> bool:
     """Whether a GEMM inside an MoE layer multiplies an expert weight or produces one (a weight
-    gradient): judged on the GEMM ops' own operands along the chain, never on an enclosing
-    call's inputs (the MoE function takes the expert weights beside the router's)."""
+    gradient): judged on the GEMM ops' own operands and result along the chain (aten GEMMs and
+    microdit's own, e.g. the cuBLASLt expert GEMMs), never on an enclosing call's inputs (the MoE
+    function takes the expert weights beside the router's). A 2-D match with one expert's slice
+    counts only for _scaled_mm, the FP8 path's per-expert GEMM: a plain 2-D GEMM of that shape in
+    an MoE layer is the router's whenever the token count happens to equal d or the hidden size."""
     for name, shp in zip(names, shapes):
-        if not (name.startswith("aten::") and _GEMM.search(name)) or not shp:
+        if not (name.startswith(("aten::", "microdit::")) and _GEMM.search(name)) or not shp:
             continue
         mats = [tuple(x) for x in shp if x and len(x) in (2, 3)]
-        out = _product_shape(mats)
-        if any(m in expert_shapes for m in mats) or (out is not None and out in expert_shapes):
+        out = _product_shape(name, mats)
+        per_expert = "_scaled_mm" in name
+        if any(m in expert_shapes and (len(m) == 3 or per_expert) for m in mats + ([out] if out else [])):
             return True
     return False
 
@@ -103,6 +113,8 @@ class _ScopedOp:
             return self.op(*args, **kwargs)
 
     def __getattr__(self, name):  # describe(), backend, ... of the op
+        if name.startswith("__") or name in ("op", "scope"):  # copy/pickle probes, before __init__
+            raise AttributeError(name)
         return getattr(self.op, name)
 
 

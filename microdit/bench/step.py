@@ -58,10 +58,10 @@ def pinned_unavailable(name: str) -> list[str]:
     only known when it runs (a failure then is a failed row with its error)."""
     if name in BACKENDS:
         return []
-    from ..ops import import_all
+    if backends_reasons(name):  # not a configuration at all: say that
+        return backends_reasons(name)
     from ..ops.registry import ALL_OPS
 
-    import_all()
     reasons = []
     for part in name.split("+"):
         op, _, backend = part.partition("=")

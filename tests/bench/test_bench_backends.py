@@ -39,6 +39,7 @@ def test_a_pin_that_cannot_run_here_is_skipped_with_its_reason(monkeypatch):
     assert why  # this machine has no flash-attn beside a CPU torch
     assert step.pinned_unavailable("fast") == [] and step.pinned_unavailable("attention=sdpa") == []
     assert step.pinned_unavailable("attention=sdpa+attention=flash_attn") == ["attention=flash_attn: " + "; ".join(why)]
+    assert "not reference, fast or OP=BACKEND" in step.pinned_unavailable("fast+attention=sdpa")[0]  # no KeyError
     measured = []
 
     def fake_measure(spec, b, m, p, peaks):
