@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Downloads, here (where PyPI is reachable), the optional GPU packages that the lent machine
 # lacks and cannot fetch: xformers (the `xformers` attention backend) and torchao (the `torchao`
-# FP8 backend), built for its Python 3.12 and x86-64. They go to .whl/ (in .gitignore, so only a carry sends them); carry
-# [".whl"] in the device call and benches/gpu_check.sh installs them into /tmp/site first.
+# FP8 backend), built for its Python 3.12 and x86-64. They go to .whl/ (in .gitignore, so only a
+# carry sends them); carry [".whl"] in the device call and benches/gpu_check.sh installs them
+# into /tmp/site first.
 #   bash benches/fetch_gpu_wheels.sh            # then: device run, carry [".whl"]
 # Versions: xformers 0.0.35 needs torch >= 2.10 (the machine has 2.11); torchao 0.18.0's float8
 # training is Python over torch._scaled_mm. Flash-attn and Transformer Engine have no wheel that

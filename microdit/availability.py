@@ -339,8 +339,9 @@ def torchao_float8_reasons() -> list[str]:
 @functools.cache
 def cpu_scaled_mm_reasons() -> list[str]:
     """Why torch._scaled_mm cannot multiply FP8 tensors on the CPU here (tried once)."""
-    if scaled_mm_reasons():
-        return scaled_mm_reasons()
+    missing = scaled_mm_reasons()
+    if missing:
+        return missing
     try:
         a = torch.ones(16, 16, dtype=torch.float8_e4m3fn)
         one = torch.ones((), dtype=torch.float32)

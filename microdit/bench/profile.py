@@ -1,8 +1,9 @@
 """Where a training step's time goes, by category, from torch.profiler.
 
 Scopes (`microdit::attention` around each attention core, `microdit::moe` around each MoE
-layer) are pushed in eager mode (`module_scopes`); backward work is mapped to the forward op that created it through the autograd sequence
-number, so a backward GEMM of an expert counts as an expert GEMM. Each profiled op's *self*
+layer) are pushed in eager mode (`module_scopes`); backward work is mapped to the forward op
+that created it through the autograd sequence number, so a backward GEMM of an expert counts as
+an expert GEMM. Each profiled op's *self*
 time goes to exactly one category, so on the CPU the categories partition the step; on a GPU
 they hold kernel time and `idle` is the step time no kernel covered (host-bound gaps). Under
 torch.compile the scopes are gone and fused kernels are attributed by their names only.

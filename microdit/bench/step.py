@@ -58,8 +58,9 @@ def pinned_unavailable(name: str) -> list[str]:
     only known when it runs (a failure then is a failed row with its error)."""
     if name in BACKENDS:
         return []
-    if backends_reasons(name):  # not a configuration at all: say that
-        return backends_reasons(name)
+    malformed = backends_reasons(name)
+    if malformed:  # not a configuration at all: say that
+        return malformed
     from ..ops.registry import ALL_OPS
 
     reasons = []
